@@ -1,0 +1,188 @@
+"""The ``ldm`` command: data | train | sample | eval | push | demo. Parses arguments and calls.
+
+Heavy imports happen inside the commands, so ``ldm --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+STAGES = {  # ldm train <name> -> (module in train/, config class in ldm.config)
+    "vae": ("train.vae", "VAEStageConfig"),
+    "text-encoder": ("train.text_encoder", "TextEncoderStageConfig"),
+    "unet": ("train.unet", "UNetStageConfig"),
+}
+
+
+def stage_entry(config_class_name: str, main, argv: list[str] | None = None):
+    """``python -m train.<stage> --config F [--set k=v ...] [--resume R]`` (also under accelerate launch)."""
+    from ldm import config as config_module
+
+    parser = argparse.ArgumentParser(description=f"train a stage from a YAML config ({config_class_name})")
+    _add_config_args(parser)
+    args = parser.parse_args(argv)
+    cfg = _load_stage_config(getattr(config_module, config_class_name), args)
+    return main(cfg)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
+    parser.add_argument("--resume", default=None, metavar="latest|never|PATH",
+                        help="continue from a checkpoint (default: latest one in output_dir, if any)")
+
+
+def _load_stage_config(cls, args):
+    from ldm.config import ConfigError, load_config
+
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    try:
+        return load_config(cls, args.config, overrides)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+def cmd_data(args) -> None:
+    from ldm.data.shapes import write_shapes_dataset
+
+    out = write_shapes_dataset(args.out, num=args.num, size=args.size, seed=args.seed)
+    print(f"wrote {args.num} images of {args.size}x{args.size} and metadata.jsonl to {out}")
+
+
+def cmd_train(args) -> None:
+    import importlib
+
+    from ldm import config as config_module
+
+    module_name, class_name = STAGES[args.stage]
+    cfg = _load_stage_config(getattr(config_module, class_name), args)
+    importlib.import_module(module_name).main(cfg)
+
+
+def cmd_sample(args) -> None:
+    from ldm.sampling import sample_to_files
+
+    paths = sample_to_files(args.model, args.prompt, negative_prompt=args.negative_prompt,
+                            num_images=args.num_images, steps=args.steps, guidance=args.guidance,
+                            seed=args.seed, out=args.out, scheduler=args.scheduler, singles=args.singles)
+    for path in paths:
+        print(path)
+
+
+def cmd_eval(args) -> None:
+    from ldm.config import DataConfig
+
+    data = DataConfig(path=args.data, split=args.split, image_column=args.image_column,
+                      caption_column=args.caption_column, resolution=args.resolution or 32)
+    if args.kind == "vae":
+        from ldm.evaluation.vae import evaluate_vae
+        metrics = evaluate_vae(args.model, data, num=args.num, batch_size=args.batch_size, seed=args.seed,
+                               resolution=args.resolution)
+    elif args.kind == "text-encoder":
+        from ldm.evaluation.retrieval import evaluate_text_encoder
+        metrics = evaluate_text_encoder(args.model, data, num=args.num, seed=args.seed, resolution=args.resolution)
+    else:
+        from ldm.evaluation.judge import evaluate_pipeline
+        metrics = evaluate_pipeline(args.model, data, num=args.num, seed=args.seed, steps=args.steps,
+                                    guidance=args.guidance, scheduler=args.scheduler)
+    out = Path(args.out or Path(args.model) / "metrics" / f"{args.kind}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {out}")
+
+
+def cmd_push(args) -> None:
+    from ldm.hub import push
+
+    result = push(args.model, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+    print(result)
+
+
+def cmd_demo(args) -> None:
+    from ldm.demo import run_demo
+
+    run_demo(args.out, minutes=args.minutes)
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm", description="Staged latent diffusion on diffusers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="write the built-in synthetic dataset")
+    data.add_argument("dataset", choices=["shapes"])
+    data.add_argument("--out", required=True)
+    data.add_argument("--num", type=int, default=2000)
+    data.add_argument("--size", type=int, default=32)
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=cmd_data)
+
+    train = sub.add_parser("train", help="train a stage (same as accelerate launch -m train.<stage>)")
+    train.add_argument("stage", choices=list(STAGES))
+    _add_config_args(train)
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="generate a PNG grid from a saved pipeline")
+    sample.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    sample.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
+    sample.add_argument("--negative-prompt", default=None)
+    sample.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    sample.add_argument("--steps", type=int, default=25)
+    sample.add_argument("--guidance", type=float, default=5.0)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--scheduler", default=None, help="ddim | ddpm | euler | dpm++ | unipc (default: saved)")
+    sample.add_argument("--out", default="samples.png")
+    sample.add_argument("--singles", action="store_true", help="also write each image on its own")
+    sample.set_defaults(func=cmd_sample)
+
+    ev = sub.add_parser("eval", help="evaluate a saved model; prints and writes JSON metrics")
+    ev.add_argument("kind", choices=["vae", "text-encoder", "pipeline"])
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", required=True, help="imagefolder or dataset name (held-out data)")
+    ev.add_argument("--split", default="train")
+    ev.add_argument("--image-column", default="image")
+    ev.add_argument("--caption-column", default="text")
+    ev.add_argument("--resolution", type=int, default=None, help="default: the model's training resolution")
+    ev.add_argument("--num", type=int, default=None, help="examples to use (default: a kind-specific number)")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--steps", type=int, default=20, help="pipeline: sampling steps")
+    ev.add_argument("--guidance", type=float, default=5.0, help="pipeline: guidance scale")
+    ev.add_argument("--scheduler", default="dpm++", help="pipeline: sampler")
+    ev.add_argument("--out", default=None, help="JSON path (default: <model>/metrics/<kind>.json)")
+    ev.set_defaults(func=cmd_eval)
+
+    push = sub.add_parser("push", help="publish a pipeline folder to the Hugging Face Hub")
+    push.add_argument("--model", required=True)
+    push.add_argument("--repo-id", required=True)
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", default=None, help="branch to push to")
+    push.add_argument("--dry-run", action="store_true", help="assemble and list the release folder only")
+    push.set_defaults(func=cmd_push)
+
+    demo = sub.add_parser("demo", help="the whole chain on the built-in shapes data (CPU-sized)")
+    demo.add_argument("--out", default="demo")
+    demo.add_argument("--minutes", type=float, default=None, help="scale the training budget (default: full)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

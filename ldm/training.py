@@ -1,0 +1,320 @@
+"""Accelerate plumbing shared by every training stage.
+
+The stage scripts in ``train/`` keep the training step visible; everything they share lives
+here: the Accelerator, per-example random streams, EMA, the non-finite guard, the LR schedule,
+exact checkpoints (see ``ldm.checkpoint``) and image grids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from PIL import Image
+
+from ldm import checkpoint as ckpt
+from ldm.config import TrainConfig, to_dict
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+# --------------------------------------------------------------------------------------------
+# Accelerator and logging
+# --------------------------------------------------------------------------------------------
+def make_accelerator(output_dir: str, train: TrainConfig, config=None) -> Accelerator:
+    """An Accelerator for ``train.mixed_precision`` with TensorBoard logs in ``<output_dir>/logs``."""
+    if train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 (works on CPU) or no")
+    project = ProjectConfiguration(project_dir=output_dir, logging_dir=str(Path(output_dir) / "logs"))
+    accelerator = Accelerator(mixed_precision=train.mixed_precision, log_with="tensorboard",
+                              project_config=project)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(f"launched as {world} processes but accelerate initialised a single one; on CPU set "
+                           f"ACCELERATE_USE_CPU=1 (torchrun) so the processes train together")
+    setup_logging(accelerator)
+    if config is not None:
+        accelerator.init_trackers("ldm", config=_flat_scalars(to_dict(config)))
+    return accelerator
+
+
+def setup_logging(accelerator: Accelerator) -> None:
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
+    for noisy in ("diffusers", "transformers", "datasets", "accelerate", "PIL", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def log_batch_geometry(accelerator: Accelerator, train: TrainConfig) -> int:
+    """Log and return the effective batch: per device x processes x accumulation steps."""
+    effective = train.batch_size * accelerator.num_processes * train.grad_accum_steps
+    logger.info("effective batch %d = %d per device x %d process(es) x %d accumulation step(s); lr %g",
+                effective, train.batch_size, accelerator.num_processes, train.grad_accum_steps, train.learning_rate)
+    return effective
+
+
+def _flat_scalars(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out |= _flat_scalars(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Randomness
+# --------------------------------------------------------------------------------------------
+class ExampleRNG:
+    """One random stream per example, seeded by its ``example_seed`` (see ``ldm.data.sampler``).
+
+    Draw k of example i depends on nothing but i's seed and k, so results do not depend on the
+    batch split across processes, on accumulation, or on where a run was resumed.
+    """
+
+    def __init__(self, seeds: torch.Tensor, salt: int = 0x5EED):
+        self.generators = [torch.Generator().manual_seed((int(s) ^ salt) & (2**63 - 1)) for s in seeds]
+
+    def randn(self, shape: tuple[int, ...], device=None) -> torch.Tensor:
+        """(B, *shape) standard normal."""
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(device)
+
+    def rand(self, device=None) -> torch.Tensor:
+        """(B,) uniform in [0, 1)."""
+        return torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(device)
+
+    def randint(self, high: int, device=None) -> torch.Tensor:
+        """(B,) integers in [0, high)."""
+        return torch.cat([torch.randint(0, high, (1,), generator=g) for g in self.generators]).to(device)
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Reseed the global RNGs (dropout and the like) from (seed, step, rank) at every step."""
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]
+    torch.manual_seed(int(state))
+
+
+# --------------------------------------------------------------------------------------------
+# EMA
+# --------------------------------------------------------------------------------------------
+class EMA:
+    """θ_ema ← β_t θ_ema + (1 − β_t) θ, with β_t = min(β, (1 + t) / (10 + t)) (warm-up as in diffusers)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.shadow = [p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        beta = min(self.decay, (1 + step) / (10 + step))
+        params = [p.detach().float() for p in model.parameters() if p.requires_grad]
+        torch._foreach_lerp_(self.shadow, params, 1.0 - beta)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, value in zip(self.names, self.shadow):
+            params[name].copy_(value)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.names) - set(state)
+        if missing:
+            raise KeyError(f"EMA state lacks {sorted(missing)[:3]}...")
+        self.shadow = [state[n].float().clone() for n in self.names]
+
+    def to(self, device) -> "EMA":
+        self.shadow = [s.to(device) for s in self.shadow]
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation helpers
+# --------------------------------------------------------------------------------------------
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig):
+    """LR warm-up then constant / cosine / linear decay over ``train.max_steps`` optimizer steps."""
+    name = {"constant": "constant_with_warmup"}.get(train.lr_schedule, train.lr_schedule)
+    return get_scheduler(name, optimizer, num_warmup_steps=train.lr_warmup_steps,
+                         num_training_steps=train.max_steps)
+
+
+@contextlib.contextmanager
+def gradient_sync(accelerator: Accelerator, models: list, sync: bool):
+    """Inside: backward passes all-reduce gradients only when ``sync`` (the last micro-batch)."""
+    with contextlib.ExitStack() as stack:
+        if not sync:
+            for model in models:
+                stack.enter_context(accelerator.no_sync(model))
+        yield
+
+
+def grad_norm_and_clip(accelerator: Accelerator, params, max_norm: float | None) -> torch.Tensor:
+    """Total gradient norm (after unscaling), clipping to ``max_norm`` when set."""
+    params = [p for p in params if p.grad is not None]
+    return accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+
+
+@dataclass
+class TrainerState:
+    """Bookkeeping saved in every checkpoint (``trainer.json``)."""
+
+    step: int = 0  # optimizer steps taken (skipped ones included)
+    batches: int = 0  # global micro-batches consumed: the data position
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    consecutive_skips: int = 0
+    data_digest: str = ""  # running hash of the example seeds seen, to prove identical data order
+    world_size: int = 1
+    batch_size: int = 0
+    grad_accum_steps: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def see(self, seeds: torch.Tensor) -> None:
+        self.data_digest = hashlib.sha256((self.data_digest + ",".join(map(str, seeds.tolist()))).encode()).hexdigest()
+
+
+def finite_or_skip(state: TrainerState, finite: bool, limit: int, what: str = "loss or gradient") -> bool:
+    """Count a non-finite step; raise after ``limit`` in a row. Returns whether to apply the update."""
+    if finite:
+        state.consecutive_skips = 0
+        return True
+    state.skipped += 1
+    state.consecutive_skips += 1
+    logger.warning("step %d: non-finite %s, update skipped (%d in a row, %d in total)",
+                   state.step, what, state.consecutive_skips, state.skipped)
+    if state.consecutive_skips >= limit:
+        raise NonFiniteTrainingError(
+            f"{state.consecutive_skips} consecutive steps had a non-finite {what} (limit "
+            f"train.max_nonfinite_steps={limit}). Check: the learning rate (lower it or add warm-up), "
+            f"fp16 overflow (try bf16), corrupt inputs or latents, and the loss weights; then resume "
+            f"from the last checkpoint.")
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+class Checkpointer:
+    """Saves and restores everything a stage trains, atomically and without pickle."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: str, train: TrainConfig, models: dict,
+                 optimizers: dict, schedulers: dict, emas: dict | None = None):
+        self.accelerator, self.output_dir, self.train = accelerator, Path(output_dir), train
+        self.models, self.optimizers, self.schedulers, self.emas = models, optimizers, schedulers, emas or {}
+
+    def save(self, state: TrainerState) -> Path:
+        acc = self.accelerator
+        final = self.output_dir / f"checkpoint-{state.step}"
+        tmp = self.output_dir / f".tmp-checkpoint-{state.step}"
+        model_states = {n: acc.get_state_dict(m) for n, m in self.models.items()}  # collective under FSDP
+        if acc.is_main_process:
+            ckpt.fresh_folder(tmp)
+        acc.wait_for_everyone()
+        tensors, other = ckpt.rng_state()
+        ckpt.save_state_dict(tmp / f"rng-{acc.process_index}.safetensors", tensors)
+        ckpt.save_json(tmp / f"rng-{acc.process_index}.json", other)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self._write_main(tmp, state, model_states)
+            ckpt.commit_checkpoint(tmp, final)
+            ckpt.rotate_checkpoints(self.output_dir, self.train.checkpoints_total_limit)
+            logger.info("saved %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _write_main(self, tmp: Path, state: TrainerState, model_states: dict) -> None:
+        for name, sd in model_states.items():
+            ckpt.save_state_dict(tmp / f"model-{name}.safetensors", sd)
+        for name, ema in self.emas.items():
+            ckpt.save_state_dict(tmp / f"ema-{name}.safetensors", ema.state_dict())
+        for name, opt in self.optimizers.items():
+            ckpt.save_optimizer(tmp, name, opt.optimizer if hasattr(opt, "optimizer") else opt)
+        scalars = {n: s.state_dict() for n, s in self.schedulers.items()}
+        if self.accelerator.scaler is not None:
+            scalars["grad_scaler"] = {k: (v.item() if torch.is_tensor(v) else v)
+                                      for k, v in self.accelerator.scaler.state_dict().items()}
+        ckpt.save_json(tmp / "schedulers.json", scalars)
+        ckpt.save_json(tmp / "trainer.json", asdict(state))
+
+    def resume(self, state: TrainerState) -> Path | None:
+        """Load the checkpoint chosen by ``train.resume`` into the models and ``state``."""
+        folder = ckpt.find_checkpoint(self.output_dir, self.train.resume)
+        if folder is None:
+            return None
+        acc = self.accelerator
+        saved = TrainerState(**ckpt.load_json(folder / "trainer.json"))
+        self._check_geometry(saved, folder)
+        for name, model in self.models.items():
+            acc.unwrap_model(model).load_state_dict(ckpt.load_state_dict(folder / f"model-{name}.safetensors"))
+        for name, ema in self.emas.items():
+            ema.load_state_dict(ckpt.load_state_dict(folder / f"ema-{name}.safetensors"))
+        for name, opt in self.optimizers.items():
+            ckpt.load_optimizer(folder, name, opt.optimizer if hasattr(opt, "optimizer") else opt)
+        scalars = ckpt.load_json(folder / "schedulers.json")
+        for name, sched in self.schedulers.items():
+            sched.load_state_dict(scalars[name])
+        if acc.scaler is not None and "grad_scaler" in scalars:
+            acc.scaler.load_state_dict(scalars["grad_scaler"])
+        rng = folder / f"rng-{acc.process_index}.safetensors"
+        if rng.exists():
+            ckpt.set_rng_state(ckpt.load_state_dict(rng), ckpt.load_json(rng.with_suffix(".json")))
+        for key, value in asdict(saved).items():
+            setattr(state, key, value)
+        logger.info("resumed from %s at step %d", folder, state.step)
+        return folder
+
+    def _check_geometry(self, saved: TrainerState, folder: Path) -> None:
+        acc, train = self.accelerator, self.train
+        now = (train.batch_size * acc.num_processes, train.grad_accum_steps)
+        then = (saved.batch_size * saved.world_size, saved.grad_accum_steps)
+        if now != then:
+            raise ValueError(
+                f"cannot resume {folder}: it was trained with {saved.world_size} process(es) x batch "
+                f"{saved.batch_size} x {saved.grad_accum_steps} accumulation step(s), this run has "
+                f"{acc.num_processes} x {train.batch_size} x {train.grad_accum_steps}. Keep processes x "
+                f"train.batch_size and train.grad_accum_steps equal to continue the same data order exactly, "
+                f"or start a new output_dir (or --set train.resume=never).")
+
+
+def new_state(accelerator: Accelerator, train: TrainConfig) -> TrainerState:
+    return TrainerState(world_size=accelerator.num_processes, batch_size=train.batch_size,
+                        grad_accum_steps=train.grad_accum_steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+def to_pil_grid(images: torch.Tensor, nrow: int) -> Image.Image:
+    """(N, 3, H, W) in [-1, 1] -> one PIL image with ``nrow`` images per row."""
+    images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    n, _, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.zeros(3, rows * h, nrow * w, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = images[i]
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil_grid(images, nrow).save(path)
+    return path

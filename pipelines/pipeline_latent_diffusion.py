@@ -1,0 +1,424 @@
+"""Text-to-image sampling with a latent diffusion model (Rombach et al. 2022).
+
+    prompt ──CLIPTokenizer/CLIPTextModel──► c [B, L, D]
+    z_T ~ N(0, σ_T² I) ──UNet2DConditionModel + scheduler, classifier-free guidance──► z_0 [B, C, H/f, W/f]
+    z_0 ──AutoencoderKL.decode(z_0 / s + shift)──► image [B, 3, H, W]
+
+The components are the standard diffusers/transformers classes, so a folder written by
+`LatentDiffusionPipeline.save_pretrained` also loads in stock `StableDiffusionPipeline`, and this file
+is copied into that folder so that `DiffusionPipeline.from_pretrained(folder, custom_pipeline=...)`
+finds it. It therefore imports nothing but torch, diffusers, transformers and the standard library.
+
+Beyond stock Stable Diffusion it handles U-Nets with a learned variance (Nichol & Dhariwal 2021),
+VAEs whose downsampling factor is not 8, and VAEs with a `shift_factor`.
+"""
+
+import contextlib
+import inspect
+import math
+import os
+import shutil
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+LEARNED_VARIANCE = ("learned", "learned_range")
+
+
+def classifier_free_guidance(pred_uncond, pred_cond, scale):
+    """ε̃ = ε(z, ∅) + s · (ε(z, c) − ε(z, ∅))   (Ho & Salimans 2022, Eq. 6 with s = 1 + w).
+
+    Shapes: all [B, C, h, w]. s = 1 gives the conditional prediction.
+    """
+    return pred_uncond + scale * (pred_cond - pred_uncond)
+
+
+def rescale_guidance(pred_cfg, pred_cond, phi):
+    """ε = φ · ε̃ · std(ε_c) / std(ε̃) + (1 − φ) · ε̃   (Lin et al. 2023, Sec. 3.4).
+
+    Rescales the guided prediction ε̃ to the per-sample standard deviation of the conditional one ε_c
+    (fixes over-exposure at high guidance), then mixes back by φ ∈ [0, 1]. Shapes: [B, C, h, w].
+    """
+    dims = list(range(1, pred_cfg.ndim))
+    ratio = pred_cond.std(dim=dims, keepdim=True) / pred_cfg.std(dim=dims, keepdim=True)
+    return phi * (pred_cfg * ratio) + (1 - phi) * pred_cfg
+
+
+def scheduler_takes_variance(scheduler):
+    """True when `scheduler.step` itself splits a [mean, v] model output (DDPMScheduler and kin).
+
+    That needs a learned `variance_type` in the config and a variance formula that accepts the model's
+    prediction (`_get_variance(..., predicted_variance=...)`). Every `from_config` copy carries the key
+    `variance_type` along, so the config alone does not decide: DDIM, Euler, UniPC or DPM-Solver built
+    from a learned-variance DDPM config still take the mean only.
+    """
+    if getattr(scheduler.config, "variance_type", None) not in LEARNED_VARIANCE:
+        return False
+    get_variance = getattr(scheduler, "_get_variance", None)
+    return get_variance is not None and "predicted_variance" in inspect.signature(get_variance).parameters
+
+
+@contextlib.contextmanager
+def hide_learned_variance(scheduler):
+    """Show a mean-only scheduler `variance_type=None` while sampling, and restore its config after.
+
+    DPM-Solver (and SA-Solver) read a learned `variance_type` as "keep `model_output[:, :3]`", written for
+    3-channel pixel models and wrong for C-channel latents. The pipeline already hands it the C-channel mean.
+    """
+    variance_type = getattr(scheduler.config, "variance_type", None)
+    if variance_type not in LEARNED_VARIANCE:
+        yield
+        return
+    scheduler.register_to_config(variance_type=None)
+    try:
+        yield
+    finally:
+        scheduler.register_to_config(variance_type=variance_type)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_text(value):
+    return isinstance(value, str) or (
+        isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
+    )
+
+
+class LatentDiffusionPipeline(DiffusionPipeline):
+    """Text-to-image latent diffusion: CLIP text encoder → conditional latent U-Net → KL-VAE decoder.
+
+    Args:
+        vae: `AutoencoderKL`; its `scaling_factor` (and `shift_factor`, when set) map latents to unit scale.
+        text_encoder: `CLIPTextModel`; its last hidden state conditions the U-Net.
+        tokenizer: `CLIPTokenizer`.
+        unet: `UNet2DConditionModel` predicting the mean part (ε, v or x₀, as the scheduler's
+            `prediction_type` says), or [mean, variance interpolation v] when it has 2C output channels.
+        scheduler: any diffusers scheduler, e.g. `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+    @property
+    def vae_scale_factor(self):
+        """f, the VAE's real spatial downsampling: one ×2 per level after the first."""
+        return 2  	** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self):
+        return self.vae.config.latent_channels
+
+    @property
+    def learned_variance(self):
+        """True when the U-Net predicts [mean, v] (Improved DDPM): 2C output channels."""
+        return self.unet.config.out_channels == 2 * self.latent_channels
+
+    @property
+    def text_context_length(self):
+        """Tokens per prompt: the tokenizer's model_max_length, bounded by the encoder's positions."""
+        return min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """`DiffusionPipeline.save_pretrained` (safetensors only) plus a copy of this file.
+
+        The copy is written first, so `push_to_hub=True` uploads it as well. `model_index.json` keeps the
+        plain class name, which stock `StableDiffusionPipeline.from_pretrained(folder)` accepts.
+        """
+        if not kwargs.get("safe_serialization", True):
+            raise ValueError("`safe_serialization=False`: this pipeline saves safetensors only.")
+        os.makedirs(save_directory, exist_ok=True)
+        target = os.path.join(save_directory, "pipeline_latent_diffusion.py")
+        with contextlib.suppress(shutil.SameFileError):
+            shutil.copyfile(os.path.abspath(__file__), target)
+        super().save_pretrained(save_directory, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------
+    # Input checks: one ValueError naming the argument for every impossible input.
+    # ----------------------------------------------------------------------------------------------
+    def _check_text_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
+        if prompt is not None and not _is_text(prompt):
+            raise ValueError(f"`prompt` must be a str or a non-empty list of str, got {type(prompt).__name__}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`.")
+        if negative_prompt is not None and not _is_text(negative_prompt):
+            raise ValueError("`negative_prompt` must be a str or a non-empty list of str.")
+        width = self.unet.config.cross_attention_dim
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is None:
+                continue
+            if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
+                raise ValueError(f"`{name}` must be a tensor [batch, tokens, dim].")
+            if isinstance(width, int) and embeds.shape[-1] != width:
+                raise ValueError(f"`{name}` has dim {embeds.shape[-1]}, the U-Net cross-attends to {width}.")
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    f"`negative_prompt_embeds` has shape {tuple(negative_prompt_embeds.shape)}, "
+                    f"`prompt_embeds` {tuple(prompt_embeds.shape)}; they must match."
+                )
+
+    def _check_sampling_inputs(self, height, width, steps, per_prompt, guidance_scale, guidance_rescale):
+        f = self.vae_scale_factor
+        for name, size in (("height", height), ("width", width)):
+            if not _is_int(size) or size <= 0 or size % f:
+                raise ValueError(f"`{name}`={size!r} must be a positive multiple of the VAE factor {f}.")
+        if not _is_int(steps) or steps < 1:
+            raise ValueError(f"`num_inference_steps`={steps!r} must be an integer >= 1.")
+        if not _is_int(per_prompt) or per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt`={per_prompt!r} must be an integer >= 1.")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not (
+            math.isfinite(guidance_scale) and guidance_scale >= 0
+        ):
+            raise ValueError(f"`guidance_scale`={guidance_scale!r} must be a finite number >= 0 (<= 1: no guidance).")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or not (
+            0 <= guidance_rescale <= 1
+        ):
+            raise ValueError(f"`guidance_rescale`={guidance_rescale!r} must be in [0, 1].")
+
+    def _check_run_inputs(self, shape, generator, latents, output_type, callback, callback_inputs):
+        if isinstance(generator, list):
+            if len(generator) != shape[0] or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(f"`generator` list must hold {shape[0]} torch.Generator (batch x images per prompt).")
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError("`generator` must be a torch.Generator or a list of them.")
+        if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape):
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"`latents` must be a tensor of shape {shape}, got {got}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type`={output_type!r} must be one of {OUTPUT_TYPES}.")
+        if callback is not None and not callable(callback):
+            raise ValueError("`callback_on_step_end` must be callable(pipe, step_index, timestep, callback_kwargs).")
+        unknown = [k for k in callback_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {self._callback_tensor_inputs}."
+            )
+        if self.unet.config.out_channels not in (self.latent_channels, 2 * self.latent_channels):
+            raise ValueError(f"unet.config.out_channels must be {self.latent_channels} or twice that.")
+        if scheduler_takes_variance(self.scheduler) and not self.learned_variance:
+            raise ValueError("scheduler.config.variance_type is learned but the U-Net predicts no variance.")
+
+    # ----------------------------------------------------------------------------------------------
+    # Text
+    # ----------------------------------------------------------------------------------------------
+    def _encode_text(self, texts, device):
+        """Last hidden state of the text encoder, [len(texts), L, D], and how many tokens each text lost."""
+        length = self.text_context_length
+        tokens = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        full_lengths = [len(ids) for ids in self.tokenizer(texts, verbose=False).input_ids]
+        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+        mask = tokens.attention_mask.to(device) if use_mask else None
+        embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        return embeds, [max(0, n - length) for n in full_lengths]
+
+    def encode_prompt(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance, per_prompt):
+        """Conditional and unconditional embeddings c, u, each [B · per_prompt, L, D]; u is None without guidance.
+
+        The negative prompt defaults to "" — the empty-prompt embedding that caption dropout trains for.
+        It is encoded on every call, never cached: the text encoder may be changed in place (fine-tuning).
+        """
+        device, cut = self._execution_device, {}
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else prompt
+            prompt_embeds, cut["prompt"] = self._encode_text(prompt, device)
+        batch = prompt_embeds.shape[0]
+        if guidance and negative_prompt_embeds is None:
+            negative = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
+            if len(negative) != batch:
+                raise ValueError(f"`negative_prompt` has {len(negative)} entries for a batch of {batch} prompts.")
+            negative_prompt_embeds, cut["negative_prompt"] = self._encode_text(negative, device)
+        if guidance and negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ValueError(
+                f"`negative_prompt_embeds` shape {tuple(negative_prompt_embeds.shape)} does not match the prompt "
+                f"embeddings {tuple(prompt_embeds.shape)}."
+            )
+        self._warn_truncated(cut)
+        expand = lambda e: e.to(device=device, dtype=self.unet.dtype).repeat_interleave(per_prompt, dim=0)  # noqa: E731
+        return expand(prompt_embeds), expand(negative_prompt_embeds) if guidance else None
+
+    def _warn_truncated(self, cut):
+        """One warning per call listing every text that lost tokens to the context length."""
+        lost = [f"{name}[{i}] lost {n}" for name, counts in cut.items() for i, n in enumerate(counts) if n]
+        if lost:
+            logger.warning(
+                f"Text longer than the text encoder's {self.text_context_length}-token context was truncated: "
+                f"{'; '.join(lost)} token(s)."
+            )
+
+    # ----------------------------------------------------------------------------------------------
+    # Sampling
+    # ----------------------------------------------------------------------------------------------
+    def prepare_latents(self, shape, generator, latents):
+        """z_T = σ_T · ε with ε ~ N(0, I) drawn from `generator` (or the given `latents` as ε)."""
+        device, dtype = self._execution_device, self.unet.dtype
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+    def predict(self, latents, t, cond, uncond, guidance_scale, guidance_rescale, keep_variance):
+        """One guided U-Net evaluation: the mean part [B, C, h, w], or [mean, v] [B, 2C, h, w] if keep_variance."""
+        # 1. batch the unconditional and conditional passes into one U-Net call: [z; z] with [u; c]
+        guided = uncond is not None
+        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        context = torch.cat([uncond, cond]) if guided else cond
+        output = self.unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+        # 2. split the mean part from the variance interpolation v (Nichol & Dhariwal 2021, Eq. 15);
+        #    v is empty for a U-Net without learned variance
+        channels = latents.shape[1]
+        mean, v = output[:, :channels], output[:, channels:]
+        # 3. guidance acts on the mean only; v stays the conditional one (as in GLIDE)
+        if guided:
+            mean_uncond, mean_cond = mean.chunk(2)
+            v = v.chunk(2)[1]
+            mean = classifier_free_guidance(mean_uncond, mean_cond, guidance_scale)
+            if guidance_rescale > 0:
+                mean = rescale_guidance(mean, mean_cond, guidance_rescale)
+        # 4. a variance-aware scheduler (DDPM learned/learned_range) gets [mean, v]; any other the mean
+        return torch.cat([mean, v], dim=1) if keep_variance else mean
+
+    def _step_kwargs(self, generator):
+        """Pass `generator` to schedulers whose step draws noise (DDPM, ancestral samplers)."""
+        accepts = "generator" in inspect.signature(self.scheduler.step).parameters
+        return {"generator": generator} if accepts else {}
+
+    def denoise(self, state, guidance_scale, guidance_rescale, generator, callback, callback_inputs):
+        """Run the scheduler from z_T to z_0. `state` holds latents, prompt_embeds, negative_prompt_embeds."""
+        keep_variance = self.learned_variance and scheduler_takes_variance(self.scheduler)
+        step_kwargs = self._step_kwargs(generator)
+        timesteps = self.scheduler.timesteps
+        hide = contextlib.nullcontext() if keep_variance else hide_learned_variance(self.scheduler)
+        with hide, self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                latents = state["latents"]
+                output = self.predict(
+                    latents, t, state["prompt_embeds"], state["negative_prompt_embeds"],
+                    guidance_scale, guidance_rescale, keep_variance,
+                )  # fmt: skip
+                state["latents"] = self.scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback is not None:
+                    changes = callback(self, i, t, {k: state[k] for k in callback_inputs}) or {}
+                    state.update({k: changes[k] for k in self._callback_tensor_inputs if k in changes})
+                progress.update()
+        return state["latents"]
+
+    # ----------------------------------------------------------------------------------------------
+    # Decoding
+    # ----------------------------------------------------------------------------------------------
+    def decode_latents(self, latents):
+        """x = D(z / s + shift): undo the latent normalisation z = (E(x) − shift) · s, then decode to [-1, 1].
+
+        A float16 VAE with `force_upcast` decodes in float32 (its decoder overflows in half precision).
+        """
+        config = self.vae.config
+        z = latents / config.scaling_factor
+        if getattr(config, "shift_factor", None) is not None:
+            z = z + config.shift_factor
+        upcast = self.vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                self.vae.to(dtype=torch.float16)
+
+    def _format(self, images, output_type):
+        """[-1, 1] tensors → [0, 1] "pt" [B, 3, H, W], float32 "np" [B, H, W, 3], or a list of "pil" images."""
+        images = (images / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+        return images if output_type == "np" else self.numpy_to_pil(images)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt=None,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        height=None,
+        width=None,
+        num_inference_steps=50,
+        guidance_scale=5.0,
+        guidance_rescale=0.0,
+        num_images_per_prompt=1,
+        generator=None,
+        latents=None,
+        output_type="pil",
+        return_dict=True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+    ):
+        """Generate images from text.
+
+        Args:
+            prompt: a str or list of str; or pass `prompt_embeds` [B, L, D] instead.
+            negative_prompt: str (used for every prompt) or list of B str; default "" (the unconditional
+                embedding). Or `negative_prompt_embeds` with the shape of the prompt embeddings.
+            height, width: pixels, positive multiples of `vae_scale_factor`; default unet sample_size · f.
+            num_inference_steps: scheduler steps.
+            guidance_scale: s in ε̃ = ε_∅ + s (ε_c − ε_∅); s <= 1 skips the unconditional pass.
+            guidance_rescale: φ ∈ [0, 1] of Lin et al. 2023 (0 = off).
+            num_images_per_prompt: images per prompt; the batch is ordered prompt-major.
+            generator: a torch.Generator, or one per image (B · num_images_per_prompt) for per-image seeds.
+            latents: noise [B · n, C, H/f, W/f] to start from (scaled by the scheduler's init_noise_sigma).
+            output_type: "pil", "np" (float [0, 1], NHWC), "pt" (float [0, 1], NCHW) or "latent" (z_0).
+            return_dict: `ImagePipelineOutput` if True, else the tuple `(images,)`.
+            callback_on_step_end: called as f(pipe, step_index, timestep, {name: tensor}) after every step;
+                it may return a dict replacing any of `latents`, `prompt_embeds`, `negative_prompt_embeds`.
+            callback_on_step_end_tensor_inputs: names passed to the callback, from `_callback_tensor_inputs`.
+        """
+        # 0. defaults and checks
+        f, size = self.vae_scale_factor, self.unet.config.sample_size
+        default_h, default_w = (size, size) if _is_int(size) else size
+        height = default_h * f if height is None else height
+        width = default_w * f if width is None else width
+        self._check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        self._check_sampling_inputs(
+            height, width, num_inference_steps, num_images_per_prompt, guidance_scale, guidance_rescale
+        )
+        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        shape = (batch * num_images_per_prompt, self.latent_channels, height // f, width // f)
+        callback_inputs = list(callback_on_step_end_tensor_inputs)
+        self._check_run_inputs(shape, generator, latents, output_type, callback_on_step_end, callback_inputs)
+        # 1. text embeddings c and u, each [B · n, L, D]
+        cond, uncond = self.encode_prompt(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale > 1, num_images_per_prompt
+        )
+        # 2. timesteps, then z_T (a scheduler's σ_T may depend on its timesteps)
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        state = {"latents": self.prepare_latents(shape, generator, latents)}
+        state.update(prompt_embeds=cond, negative_prompt_embeds=uncond)
+        # 3. denoise z_T -> z_0
+        latents = self.denoise(
+            state, guidance_scale, guidance_rescale, generator, callback_on_step_end, callback_inputs
+        )
+        # 4. decode and format
+        images = latents if output_type == "latent" else self._format(self.decode_latents(latents), output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
