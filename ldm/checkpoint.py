@@ -196,7 +196,9 @@ def load_optimizer(folder: Path, name: str, optimizer: torch.optim.Optimizer) ->
     for key, value in meta["scalars"].items():
         pid, sub = key.split(".", 1)
         state.setdefault(int(pid), {})[sub] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in meta["param_groups"]]  # JSON turned tuples (betas) into lists
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:

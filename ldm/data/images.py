@@ -104,12 +104,13 @@ def load_records(data: DataConfig, streaming: bool | None = None):
                          "name (e.g. `ldm data shapes --out data/shapes` then --set data.path=data/shapes)")
     streaming = data.streaming if streaming is None else streaming
     path = Path(data.path)
-    if path.is_dir():
-        builder = "webdataset" if any(path.glob("*.tar")) else "imagefolder"
-        records = datasets.load_dataset(builder, data_dir=str(path), split=data.split, streaming=streaming)
-    elif path.suffix or str(data.path).startswith((".", "/")):
+    if path.is_dir() and any(path.glob("*.tar")):
+        records = datasets.load_dataset("webdataset", data_dir=str(path), split=data.split, streaming=streaming)
+    elif path.is_dir() and _looks_like_imagefolder(path):
+        records = datasets.load_dataset("imagefolder", data_dir=str(path), split=data.split, streaming=streaming)
+    elif not path.exists() and (path.suffix or str(data.path).startswith((".", "/", "~"))):
         raise FileNotFoundError(f"data.path {data.path} does not exist")
-    else:
+    else:  # a Hub dataset name, or a local copy of one (parquet/arrow/json shards)
         records = datasets.load_dataset(data.path, split=data.split, streaming=streaming)
     columns = records.column_names or list(records.features or {})
     if data.image_column not in columns:
@@ -118,6 +119,12 @@ def load_records(data: DataConfig, streaming: bool | None = None):
     if isinstance(records.features.get(data.image_column), datasets.Image):
         records = records.cast_column(data.image_column, datasets.Image(decode=False))
     return records
+
+
+def _looks_like_imagefolder(path: Path) -> bool:
+    image_suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    return (path / "metadata.jsonl").exists() or (path / "metadata.csv").exists() or any(
+        p.suffix.lower() in image_suffixes for p in path.rglob("*"))
 
 
 def check_captions(records, data: DataConfig) -> None:
