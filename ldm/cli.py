@@ -90,7 +90,7 @@ def cmd_eval(args) -> None:
         from ldm.evaluation.retrieval import evaluate_text_encoder
         metrics = evaluate_text_encoder(args.model, data, num=args.num, seed=args.seed, resolution=args.resolution)
     else:
-        from ldm.evaluation.judge import evaluate_pipeline
+        from ldm.evaluation.pipeline import evaluate_pipeline
         metrics = evaluate_pipeline(args.model, data, num=args.num, seed=args.seed, steps=args.steps,
                                     guidance=args.guidance, scheduler=args.scheduler)
     out = Path(args.out or Path(args.model) / "metrics" / f"{args.kind}.json")

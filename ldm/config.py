@@ -146,13 +146,23 @@ class CLIPModelConfig:
     embed_dim: int = 128
     vision_layers: int = 4
     vision_width: int = 128
+    vision_heads: int = 4
     vision_patch_size: int = 4
-    text_context_length: int = 77
+    text_context_length: int = 77  # tokens per prompt, <|startoftext|> and <|endoftext|> included
     text_width: int = 128
     text_heads: int = 4
     text_layers: int = 4
     quick_gelu: bool = False
     layer: Literal["last", "penultimate"] = "last"  # which hidden state the U-Net is conditioned on
+
+    def __post_init__(self):
+        for key in ("embed_dim", "vision_layers", "vision_width", "vision_heads", "vision_patch_size",
+                    "text_width", "text_heads", "text_layers"):
+            _check(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
+        _check(self.text_context_length >= 3, "model.text_context_length", "must be >= 3")
+        _check(self.vision_width % self.vision_heads == 0, "model.vision_width", "must be divisible by model.vision_heads")
+        _check(self.text_width % self.text_heads == 0, "model.text_width", "must be divisible by model.text_heads")
+        _check(self.layer == "last" or self.text_layers >= 2, "model.layer", "'penultimate' needs model.text_layers >= 2")
 
 
 @dataclass(frozen=True)
@@ -161,7 +171,12 @@ class TextEncoderStageConfig:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig(learning_rate=5e-4, ema_decay=None)
     model: CLIPModelConfig = CLIPModelConfig()
-    eval_samples: int = 100  # held-out image-caption pairs for retrieval during/after training
+    eval_samples: int = 100  # held-out image-caption pairs (the last ones) for retrieval during training
+    eval_every: int = 250  # steps between held-out retrieval evaluations (and at the end)
+
+    def __post_init__(self):
+        _check(self.eval_samples >= 0, "eval_samples", "must be >= 0")
+        _check(self.eval_every >= 1, "eval_every", "must be >= 1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +189,8 @@ class UNetModelConfig:
     block_out_channels: tuple[int, ...] = (64, 128)
     cross_attention: tuple[bool, ...] = (False, True)
     layers_per_block: int = 2
-    attention_head_dim: int = 8
+    attention_heads: int = 4  # per transformer block (diffusers calls this `attention_head_dim`)
+    transformer_layers: int = 1
     norm_num_groups: int = 32
     learned_variance: bool = False  # Improved DDPM: also predict the variance interpolation
 
@@ -202,6 +218,9 @@ class DiffusionConfig:
         _check(0 <= self.caption_dropout < 1, "diffusion.caption_dropout", "must be in [0, 1)")
         _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, "diffusion.min_snr_gamma",
                "must be > 0 or null")
+        _check(not (self.zero_terminal_snr and self.prediction_type == "epsilon"), "diffusion.zero_terminal_snr",
+               "needs diffusion.prediction_type v_prediction or sample: at zero terminal SNR an epsilon model "
+               "cannot recover x0 at the last step (Lin et al. 2023)")
 
 
 @dataclass(frozen=True)

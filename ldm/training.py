@@ -132,6 +132,19 @@ class EMA:
         for name, value in zip(self.names, self.shadow):
             params[name].copy_(value)
 
+    @contextlib.contextmanager
+    def applied_to(self, model: torch.nn.Module):
+        """Inside: ``model`` holds the EMA weights; its own weights are restored on exit."""
+        params = dict(model.named_parameters())
+        backup = [params[n].detach().clone() for n in self.names]
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, value in zip(self.names, backup):
+                    params[name].copy_(value)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow))
 

@@ -88,6 +88,10 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _is_text(value):
     return isinstance(value, str) or (
         isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
@@ -123,7 +127,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     @property
     def vae_scale_factor(self):
         """f, the VAE's real spatial downsampling: one ×2 per level after the first."""
-        return 2  	** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def latent_channels(self):
@@ -153,10 +157,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             shutil.copyfile(os.path.abspath(__file__), target)
         super().save_pretrained(save_directory, **kwargs)
 
-    # ----------------------------------------------------------------------------------------------
-    # Input checks: one ValueError naming the argument for every impossible input.
-    # ----------------------------------------------------------------------------------------------
+    # --- input checks: a ValueError naming the argument for every impossible input -------------------
     def _check_text_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
+        """Checks the text arguments and returns the prompt batch size B."""
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
         if prompt is not None and not _is_text(prompt):
@@ -179,6 +182,10 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                     f"`negative_prompt_embeds` has shape {tuple(negative_prompt_embeds.shape)}, "
                     f"`prompt_embeds` {tuple(prompt_embeds.shape)}; they must match."
                 )
+        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
+            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries for a batch of {batch} prompts.")
+        return batch
 
     def _check_sampling_inputs(self, height, width, steps, per_prompt, guidance_scale, guidance_rescale):
         f = self.vae_scale_factor
@@ -189,13 +196,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"`num_inference_steps`={steps!r} must be an integer >= 1.")
         if not _is_int(per_prompt) or per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt`={per_prompt!r} must be an integer >= 1.")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not (
-            math.isfinite(guidance_scale) and guidance_scale >= 0
-        ):
+        if not _is_number(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"`guidance_scale`={guidance_scale!r} must be a finite number >= 0 (<= 1: no guidance).")
-        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or not (
-            0 <= guidance_rescale <= 1
-        ):
+        if not _is_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
             raise ValueError(f"`guidance_rescale`={guidance_rescale!r} must be in [0, 1].")
 
     def _check_run_inputs(self, shape, generator, latents, output_type, callback, callback_inputs):
@@ -221,9 +224,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         if scheduler_takes_variance(self.scheduler) and not self.learned_variance:
             raise ValueError("scheduler.config.variance_type is learned but the U-Net predicts no variance.")
 
-    # ----------------------------------------------------------------------------------------------
-    # Text
-    # ----------------------------------------------------------------------------------------------
+    # --- text ----------------------------------------------------------------------------------------
     def _encode_text(self, texts, device):
         """Last hidden state of the text encoder, [len(texts), L, D], and how many tokens each text lost."""
         length = self.text_context_length
@@ -244,33 +245,30 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else prompt
             prompt_embeds, cut["prompt"] = self._encode_text(prompt, device)
-        batch = prompt_embeds.shape[0]
         if guidance and negative_prompt_embeds is None:
-            negative = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
-            if len(negative) != batch:
-                raise ValueError(f"`negative_prompt` has {len(negative)} entries for a batch of {batch} prompts.")
+            negative = negative_prompt or ""
+            negative = [negative] * len(prompt_embeds) if isinstance(negative, str) else negative
             negative_prompt_embeds, cut["negative_prompt"] = self._encode_text(negative, device)
         if guidance and negative_prompt_embeds.shape != prompt_embeds.shape:
             raise ValueError(
-                f"`negative_prompt_embeds` shape {tuple(negative_prompt_embeds.shape)} does not match the prompt "
-                f"embeddings {tuple(prompt_embeds.shape)}."
+                f"`negative_prompt_embeds` (given or encoded from `negative_prompt`) has shape "
+                f"{tuple(negative_prompt_embeds.shape)}, the prompt embeddings {tuple(prompt_embeds.shape)}."
             )
         self._warn_truncated(cut)
-        expand = lambda e: e.to(device=device, dtype=self.unet.dtype).repeat_interleave(per_prompt, dim=0)  # noqa: E731
+
+        def expand(embeds):  # [B, L, D] -> [B · n, L, D], prompt-major
+            return embeds.to(device=device, dtype=self.unet.dtype).repeat_interleave(per_prompt, dim=0)
+
         return expand(prompt_embeds), expand(negative_prompt_embeds) if guidance else None
 
     def _warn_truncated(self, cut):
         """One warning per call listing every text that lost tokens to the context length."""
-        lost = [f"{name}[{i}] lost {n}" for name, counts in cut.items() for i, n in enumerate(counts) if n]
+        lost = [f"{name}[{i}]: {n} token(s) cut" for name, counts in cut.items() for i, n in enumerate(counts) if n]
         if lost:
-            logger.warning(
-                f"Text longer than the text encoder's {self.text_context_length}-token context was truncated: "
-                f"{'; '.join(lost)} token(s)."
-            )
+            context = self.text_context_length
+            logger.warning(f"Truncated to the text encoder's {context}-token context: {'; '.join(lost)}.")
 
-    # ----------------------------------------------------------------------------------------------
-    # Sampling
-    # ----------------------------------------------------------------------------------------------
+    # --- sampling ------------------------------------------------------------------------------------
     def prepare_latents(self, shape, generator, latents):
         """z_T = σ_T · ε with ε ~ N(0, I) drawn from `generator` (or the given `latents` as ε)."""
         device, dtype = self._execution_device, self.unet.dtype
@@ -313,11 +311,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         hide = contextlib.nullcontext() if keep_variance else hide_learned_variance(self.scheduler)
         with hide, self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
-                latents = state["latents"]
-                output = self.predict(
-                    latents, t, state["prompt_embeds"], state["negative_prompt_embeds"],
-                    guidance_scale, guidance_rescale, keep_variance,
-                )  # fmt: skip
+                latents, cond, uncond = state["latents"], state["prompt_embeds"], state["negative_prompt_embeds"]
+                output = self.predict(latents, t, cond, uncond, guidance_scale, guidance_rescale, keep_variance)
                 state["latents"] = self.scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
                 if callback is not None:
                     changes = callback(self, i, t, {k: state[k] for k in callback_inputs}) or {}
@@ -325,9 +320,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 progress.update()
         return state["latents"]
 
-    # ----------------------------------------------------------------------------------------------
-    # Decoding
-    # ----------------------------------------------------------------------------------------------
+    # --- decoding ------------------------------------------------------------------------------------
     def decode_latents(self, latents):
         """x = D(z / s + shift): undo the latent normalisation z = (E(x) − shift) · s, then decode to [-1, 1].
 
@@ -398,11 +391,10 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         default_h, default_w = (size, size) if _is_int(size) else size
         height = default_h * f if height is None else height
         width = default_w * f if width is None else width
-        self._check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        batch = self._check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         self._check_sampling_inputs(
             height, width, num_inference_steps, num_images_per_prompt, guidance_scale, guidance_rescale
         )
-        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         shape = (batch * num_images_per_prompt, self.latent_channels, height // f, width // f)
         callback_inputs = list(callback_on_step_end_tensor_inputs)
         self._check_run_inputs(shape, generator, latents, output_type, callback_on_step_end, callback_inputs)
@@ -412,8 +404,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         )
         # 2. timesteps, then z_T (a scheduler's σ_T may depend on its timesteps)
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-        state = {"latents": self.prepare_latents(shape, generator, latents)}
-        state.update(prompt_embeds=cond, negative_prompt_embeds=uncond)
+        latents = self.prepare_latents(shape, generator, latents)
+        state = {"latents": latents, "prompt_embeds": cond, "negative_prompt_embeds": uncond}
         # 3. denoise z_T -> z_0
         latents = self.denoise(
             state, guidance_scale, guidance_rescale, generator, callback_on_step_end, callback_inputs

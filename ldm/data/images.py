@@ -88,6 +88,11 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def flip_decision(seed: int) -> bool:
+    """Whether the example visit with this seed is mirrored (its own stream, apart from the crop's)."""
+    return random.Random(seed ^ 0xF11F).random() < 0.5
+
+
 def nearest_bucket(width: int, height: int, buckets: tuple[tuple[int, int], ...]) -> int:
     """Index of the (height, width) bucket whose aspect ratio is closest in log space."""
     ratio = np.log(width / height)
@@ -191,14 +196,20 @@ class ImageCaptionDataset(Dataset):
 
     def __getitem__(self, key) -> dict:
         pos, seed = key if isinstance(key, tuple) else (key, 0)
+        return self.load(pos, seed, flip=self.data.random_flip and flip_decision(seed))
+
+    def load(self, pos: int, seed: int, flip: bool) -> dict:
+        """Example ``pos``, cropped with the example's ``seed`` and mirrored when ``flip``."""
         row = self.records[self.valid[pos]]
-        rng = random.Random(seed)
         image = to_rgb(decode_image(row[self.data.image_column]))
-        image = resize_crop(image, *self.target_size(pos), self.data.crop, rng)
-        if self.data.random_flip and rng.random() < 0.5:
+        image = resize_crop(image, *self.target_size(pos), self.data.crop, random.Random(seed))
+        if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         caption = row[self.data.caption_column] if self.need_captions else ""
         return {"pixel_values": to_tensor(image), "caption": str(caption), "index": pos, "seed": seed}
+
+    def name(self, pos: int) -> str:
+        return image_name(self.records[self.valid[pos]][self.data.image_column], self.valid[pos])
 
 
 def collate(items: list[dict]) -> dict:

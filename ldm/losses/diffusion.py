@@ -10,7 +10,7 @@ from the generator it is handed). Conventions follow diffusers' `DDPMScheduler`:
   (including zero-terminal-SNR schedules, where ā_{T-1} = 0 and β_{T-1} = 1);
 - per-sample schedule values are scalars or shape (B,) and broadcast over data of shape (B, C, H, W).
 
-Sources: Ho et al. 2020 (DDPM); Nichol & Dhariwal 2021 (Improved DDPM); Salimans & Ho 2022
+Sources: Ho et al. 2020 (DDPM); Nichol & Dhariwal 2021 (Improved DDPM, "IDDPM"); Salimans & Ho 2022
 (v-prediction); Hang et al. 2023 (Min-SNR weighting); Guttenberg 2023 (offset noise); Lin et al. 2023
 (zero-terminal SNR).
 """
@@ -58,7 +58,7 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t) -> torch.Tenso
 
 
 def offset_noise(noise: torch.Tensor, offset_draw: torch.Tensor, strength: float) -> torch.Tensor:
-    """ε' = ε + s·δ, δ ~ N(0, I) of shape (B, C, 1, 1) drawn by the caller (Guttenberg 2023, "Diffusion with Offset Noise").
+    """ε' = ε + s·δ, δ ~ N(0, I) of shape (B, C, 1, 1) from the caller (Guttenberg 2023, "Diffusion with Offset Noise").
 
     Use ε' everywhere ε is used (noising and target). `offset_draw` is e.g.
     `torch.randn(B, C, 1, 1, generator=g)`; a per-(sample, channel) constant shifts the image mean, which
@@ -72,7 +72,7 @@ def offset_noise(noise: torch.Tensor, offset_draw: torch.Tensor, strength: float
 
 
 def diffusion_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar_t, prediction_type: str) -> torch.Tensor:
-    """ε | v = √ā_t·ε − √(1−ā_t)·x0 (Salimans & Ho 2022, §4) | x0, per prediction_type; v equals `get_velocity`."""
+    """target = ε | v = √ā_t·ε − √(1−ā_t)·x0 (Salimans & Ho 2022, §4) | x0; v equals `get_velocity`."""
     _check("prediction_type", prediction_type, PREDICTION_TYPES)
     if prediction_type == "epsilon":
         return noise
@@ -104,12 +104,12 @@ def predict_x0(model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t, predi
 
 
 def snr(alpha_bar_t: torch.Tensor) -> torch.Tensor:
-    """SNR(t) = ā_t / (1 − ā_t)  (Kingma et al. 2021, eq. 1 with α² = ā, σ² = 1 − ā); equals diffusers `compute_snr`."""
+    """SNR(t) = ā_t / (1 − ā_t)  (Kingma et al. 2021, "Variational Diffusion Models", eq. 1); = `compute_snr`."""
     return alpha_bar_t / (1 - alpha_bar_t)  # (B,)
 
 
 def min_snr_weight(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """w = min(SNR,γ)/SNR (ε) | min(SNR,γ)/(SNR+1) (v) | min(SNR,γ) (x0)  (Hang et al. 2023, "Min-SNR Weighting").
+    """w = min(SNR,γ)/SNR (ε) | min(SNR,γ)/(SNR+1) (v) | min(SNR,γ) (x0)  (Hang et al. 2023, Min-SNR).
 
     w is chosen so that w·‖target − output‖² = min(SNR, γ)·‖x0 − x̂0‖² for x̂0 = predict_x0(output):
       ε:  x0 − x̂0 = (ε̂ − ε)/√SNR          =>  ‖ε − ε̂‖² = SNR·‖x0 − x̂0‖²
@@ -130,7 +130,7 @@ def min_snr_weight(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> t
 
 
 def simple_loss(model_output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """L_simple = w·mean‖target − output‖² per sample (Ho et al. 2020, eq. 14; w e.g. `min_snr_weight`)."""
+    """L_simple = w·mean‖target − output‖² per sample (Ho et al. 2020, eq. 14; w e.g. min-SNR)."""
     dtype = torch.promote_types(model_output.dtype, torch.float32)  # half precision -> float32
     loss = _mean_flat((model_output.to(dtype) - target.to(dtype)) ** 2)  # (B,)
     return loss if weight is None else loss * weight
@@ -145,7 +145,7 @@ def alphas_cumprod_prev(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 
 def q_posterior(x0: torch.Tensor, x_t: torch.Tensor, alpha_bar_t, alpha_bar_prev):
-    """μ̃ = √ā_{t−1}β_t/(1−ā_t)·x0 + √α_t(1−ā_{t−1})/(1−ā_t)·x_t, β̃_t = (1−ā_{t−1})/(1−ā_t)·β_t (Nichol & Dhariwal 2021, eq. 10-12).
+    """μ̃ = √ā_{t−1}β_t/(1−ā_t)·x0 + √α_t(1−ā_{t−1})/(1−ā_t)·x_t, β̃_t = (1−ā_{t−1})β_t/(1−ā_t) (IDDPM eq. 10-12).
 
     Returns (mean (B, C, H, W), variance broadcastable (B, 1, 1, 1)). At t = 0 (ā_{−1} = 1) the mean is x0
     and the variance 0. With x0 = `predict_x0(...)` the mean is `DDPMScheduler.step`'s pred_prev_sample.
@@ -158,7 +158,7 @@ def q_posterior(x0: torch.Tensor, x_t: torch.Tensor, alpha_bar_t, alpha_bar_prev
 
 
 def posterior_log_variance_clipped(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """log β̃_t with β̃_0 = 0 replaced by β̃_1 (Nichol & Dhariwal 2021, eq. 10 and their reference code); (T,) -> (T,)."""
+    """log β̃_t, with β̃_0 = 0 replaced by β̃_1 (Nichol & Dhariwal 2021, eq. 10 and reference code); (T,) -> (T,)."""
     if alphas_cumprod.shape[0] < 2:
         raise ValueError("a schedule needs at least 2 timesteps")
     a_prev = alphas_cumprod_prev(alphas_cumprod)
@@ -168,7 +168,9 @@ def posterior_log_variance_clipped(alphas_cumprod: torch.Tensor) -> torch.Tensor
 
 def model_log_variance(t: torch.Tensor, alphas_cumprod: torch.Tensor, variance_type: str,
                        var_output: torch.Tensor | None = None) -> torch.Tensor:
-    """log σ²_t = log β̃_t (fixed_small) | log β_t (fixed_large) | v·log β_t + (1−v)·log β̃_t, v = (out+1)/2 (Nichol & Dhariwal 2021, eq. 15).
+    """log σ²_t = log β̃_t | log β_t | v·log β_t + (1−v)·log β̃_t, v = (out+1)/2 (Nichol & Dhariwal 2021, eq. 15).
+
+    The three cases are variance_type fixed_small | fixed_large | learned_range.
 
     t: (B,) long. Returns (B,) for the fixed types, var_output's shape (B, C, H, W) for learned_range
     (var_output = the model's second C channels, "learned_range" as in `DDPMScheduler`). At t = 0, where
@@ -189,13 +191,13 @@ def model_log_variance(t: torch.Tensor, alphas_cumprod: torch.Tensor, variance_t
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """KL(N(μ1,σ1²) ‖ N(μ2,σ2²)) = ½(−1 + log σ2² − log σ1² + σ1²/σ2² + (μ1−μ2)²/σ2²), nats, elementwise (broadcasting)."""
+    """KL(N(μ1,σ1²) ‖ N(μ2,σ2²)) = ½(−1 + log σ2² − log σ1² + σ1²/σ2² + (μ1−μ2)²/σ2²); nats, elementwise."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def gaussian_log_likelihood(x, mean, logvar) -> torch.Tensor:
-    """log N(x; μ, σ²) = −½(log 2π + log σ² + (x−μ)²/σ²), nats, elementwise: a density, not a discretised probability.
+    """log N(x; μ, σ²) = −½(log 2π + log σ² + (x−μ)²/σ²); nats, elementwise; a density, not a probability.
 
     Latents are continuous, so the decoder term L_0 uses this density instead of DDPM's discretised
     pixel likelihood. Densities can exceed 1: bits/dim of latents can be negative, and they are
@@ -220,7 +222,7 @@ def _split_output(model_output: torch.Tensor, channels: int, variance_type: str)
 
 def vlb_terms(model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
               alphas_cumprod: torch.Tensor, prediction_type: str, variance_type: str) -> torch.Tensor:
-    """L_t = KL(q(x_{t−1}|x_t,x0) ‖ p_θ(x_{t−1}|x_t)) for t > 0, −log N(x0; μ_θ, σ_0²) at t = 0; bits/dim (Nichol & Dhariwal 2021, eq. 4-6).
+    """L_t = KL(q(x_{t−1}|x_t,x0) ‖ p_θ(x_{t−1}|x_t)) (t > 0), −log N(x0; μ_θ, σ_0²) (t = 0); bits/dim (IDDPM eq. 4-6).
 
     model_output: (B, C, H, W), or (B, 2C, H, W) for learned_range; x0, x_t: (B, C, H, W); t: (B,) long.
     Returns (B,): each term averaged over the C·H·W dimensions and divided by ln 2 (bits per dimension).
@@ -241,7 +243,7 @@ def vlb_terms(model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t
 def hybrid_loss(model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                 alphas_cumprod: torch.Tensor, prediction_type: str, vlb_weight: float = 1e-3,
                 simple_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """L_hybrid = L_simple + λ·T·L_t, with stop-gradient on μ_θ inside L_t (Nichol & Dhariwal 2021, eq. 16 and §3.1).
+    """L_hybrid = L_simple + λ·T·L_t, stop-gradient on μ_θ inside L_t (Nichol & Dhariwal 2021, eq. 16, §3.1).
 
     model_output: (B, 2C, H, W) from a learned_range U-Net evaluated at x_t = add_noise(x0, noise, ā_t);
     t: (B,) long, uniform. T·L_t is an unbiased estimate of L_vlb = Σ_t L_t, so with λ = 0.001 and
@@ -276,7 +278,7 @@ def variational_bound_bpd(model_fn: Callable[[torch.Tensor, torch.Tensor], torch
                           alphas_cumprod: torch.Tensor, prediction_type: str, variance_type: str,
                           generator: torch.Generator | None = None, timesteps_per_call: int = 8,
                           progress: bool = True) -> VariationalBound:
-    """−log p(x0) ≤ L_T + Σ_{t>0} L_{t−1} + L_0, over all T steps, in bits/dim (Ho et al. 2020, eq. 5; Nichol & Dhariwal 2021, §2).
+    """−log p(x0) ≤ L_T + Σ_{t=1}^{T−1} L_t + L_0 over all T steps, bits/dim (Ho et al. 2020, eq. 5; IDDPM §2).
 
     model_fn(x_t, t) gets x_t (K·B, C, H, W) and t (K·B,) for K = timesteps_per_call timesteps at once,
     laid out timestep-major (row k·B + b is sample b at timestep k of the chunk), so conditioning
@@ -286,8 +288,8 @@ def variational_bound_bpd(model_fn: Callable[[torch.Tensor, torch.Tensor], torch
     batch, num_steps = x0.shape[0], alphas_cumprod.shape[0]
     alphas_cumprod = alphas_cumprod.to(x0.device)
     terms = []
-    for start in tqdm(range(0, num_steps, timesteps_per_call), desc="variational bound", disable=not progress,
-                      leave=False):
+    chunks = range(0, num_steps, timesteps_per_call)
+    for start in tqdm(chunks, desc="variational bound", disable=not progress, leave=False):
         steps = torch.arange(start, min(start + timesteps_per_call, num_steps), device=x0.device)  # (K,)
         t = steps.repeat_interleave(batch)  # (K·B,) timestep-major
         x0_rows = x0.repeat(len(steps), *([1] * (x0.ndim - 1)))  # (K·B, C, H, W)

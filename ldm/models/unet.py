@@ -1,0 +1,144 @@
+"""The latent U-Net (diffusers ``UNet2DConditionModel``), its noise schedule, LoRA adapters, and the
+stage-2 components: loaded from the stage 1 / stage 0 folders or from a pipeline to fine-tune,
+and saved as one ``LatentDiffusionPipeline`` folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+
+from ldm.config import DiffusionConfig, LoRAConfig, UNetModelConfig, UNetStageConfig
+from ldm.models.text import load_text_encoder
+
+logger = logging.getLogger(__name__)
+
+
+def build_unet(model: UNetModelConfig, sample_size: int, latent_channels: int,
+               cross_attention_dim: int) -> UNet2DConditionModel:
+    """A U-Net over (latent_channels, sample_size, sample_size) latents, cross-attending to text.
+
+    With ``model.learned_variance`` it outputs 2 x latent_channels: the prediction and the
+    Improved-DDPM variance interpolation v (see ``ldm.losses.diffusion``).
+    """
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in model.cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(model.cross_attention))
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels * (2 if model.learned_variance else 1),
+        block_out_channels=model.block_out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=model.layers_per_block,
+        attention_head_dim=model.attention_heads,  # diffusers' legacy name: it is the number of heads
+        transformer_layers_per_block=model.transformer_layers,
+        norm_num_groups=model.norm_num_groups,
+        cross_attention_dim=cross_attention_dim,
+    )
+
+
+def build_noise_scheduler(diffusion: DiffusionConfig, learned_variance: bool) -> DDPMScheduler:
+    """The training schedule; saved with the pipeline, so every sampler built from it agrees."""
+    return DDPMScheduler(
+        num_train_timesteps=diffusion.num_train_timesteps,
+        beta_schedule=diffusion.beta_schedule,
+        beta_start=diffusion.beta_start,
+        beta_end=diffusion.beta_end,
+        prediction_type=diffusion.prediction_type,
+        rescale_betas_zero_snr=diffusion.zero_terminal_snr,
+        variance_type="learned_range" if learned_variance else "fixed_small",
+        clip_sample=False,
+        timestep_spacing="trailing" if diffusion.zero_terminal_snr else "leading",
+        steps_offset=0 if diffusion.zero_terminal_snr else 1,
+    )
+
+
+def add_lora(unet: UNet2DConditionModel, lora: LoRAConfig) -> list:
+    """Freeze ``unet`` and attach LoRA adapters (peft) to its attention projections; returns them."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, init_lora_weights="gaussian",
+                        target_modules=list(lora.target_modules))
+    unet.add_adapter(config)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"lora.target_modules {list(lora.target_modules)} matched no U-Net layer")
+    return params
+
+
+@dataclass
+class Components:
+    vae: AutoencoderKL
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler  # the training formulation of the noise schedule
+
+
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """The VAE's real downsampling factor f = 2^(levels − 1)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def load_components(cfg: UNetStageConfig) -> Components:
+    """Frozen VAE and text encoder, the U-Net to train and its schedule (new, or from ``cfg.pretrained``)."""
+    if cfg.pretrained:
+        src = cfg.pretrained
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae")
+        text_encoder, tokenizer = load_text_encoder(src)
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
+        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(src, subfolder="scheduler"))
+        logger.info("fine-tuning %s: its noise schedule (%s, %s) is used; diffusion.* schedule keys are ignored",
+                    src, scheduler.config.beta_schedule, scheduler.config.prediction_type)
+    else:
+        for key in ("vae", "text_encoder"):
+            if not getattr(cfg, key):
+                raise ValueError(f"set `{key}` to the folder stage {1 if key == 'vae' else 0} saved (or set "
+                                 f"`pretrained` to a pipeline folder to fine-tune)")
+        vae = AutoencoderKL.from_pretrained(cfg.vae)
+        text_encoder, tokenizer = load_text_encoder(cfg.text_encoder)
+        f = vae_scale_factor(vae)
+        if cfg.data.resolution % f:
+            raise ValueError(f"data.resolution {cfg.data.resolution} is not a multiple of the VAE's downsampling "
+                             f"factor {f}")
+        unet = build_unet(cfg.model, cfg.data.resolution // f, vae.config.latent_channels,
+                          text_encoder.config.hidden_size)
+        scheduler = build_noise_scheduler(cfg.diffusion, cfg.model.learned_variance)
+    vae.requires_grad_(False).eval()
+    text_encoder.requires_grad_(False).eval()
+    return Components(vae, text_encoder, tokenizer, unet, scheduler)
+
+
+def trainable_parameters(unet: UNet2DConditionModel, text_encoder, lora: LoRAConfig) -> list:
+    """What the optimizer updates: the whole U-Net, or LoRA adapters (and optionally the text encoder)."""
+    params = add_lora(unet, lora) if lora.rank > 0 else [p for p in unet.parameters() if p.requires_grad]
+    if lora.train_text_encoder:
+        raise NotImplementedError("lora.train_text_encoder is not supported yet")
+    return params
+
+
+def make_pipeline(parts: Components, unet: UNet2DConditionModel, scheduler):
+    from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(folder: Path, parts: Components, unet: UNet2DConditionModel, ema, cfg: UNetStageConfig) -> Path:
+    """Write the pipeline folder: the EMA U-Net, and DPM-Solver++ on the training schedule as sampler."""
+    unet = copy.deepcopy(unet).to("cpu")
+    if ema is not None:
+        ema.copy_to(unet)
+    sampler = DPMSolverMultistepScheduler.from_config(parts.scheduler.config, algorithm_type="dpmsolver++")
+    cpu = Components(parts.vae.to("cpu"), parts.text_encoder.to("cpu"), parts.tokenizer, unet, parts.scheduler)
+    make_pipeline(cpu, unet, sampler).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,0 +1,191 @@
+"""Stage 2: train the text-conditioned latent U-Net (Rombach et al. 2022, §3.3) with classifier-free guidance.
+
+    ldm train unet --config configs/unet/shapes.yaml --set vae=OUT/vae/final --set text_encoder=OUT/te/final
+    accelerate launch -m train.unet --config configs/unet/shapes.yaml ...
+
+One optimizer step; every random draw is made per example (``ExampleRNG``), in this order:
+  0. z  = (μ + σ·ε_z) · s          latent from the VAE posterior moments (cached or fresh), s = scaling_factor
+  1. t  ~ U{0, …, T−1}
+  2. ε  ~ N(0, I)                   (+ offset noise: a per-channel δ ~ N(0, I), draw 3)
+  4. u  ~ U[0, 1); c = c_∅ if u < p  caption dropout: the empty prompt's embedding, for CFG
+  x_t = √ā_t z + √(1−ā_t) ε;  L = w(SNR_t) · ‖f_θ(x_t, t, c) − target‖²   (+ λ L_vlb with learned variance)
+Because the cache stores exactly the moments a fresh encode computes, and the draws do not depend
+on where the latents came from, cached and uncached runs give the same losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ldm.checkpoint import atomic_folder
+from ldm.cli import stage_entry
+from ldm.config import DiffusionConfig, UNetStageConfig
+from ldm.data.cache import CachedLatentDataset, build_cache, collate_cached, fingerprint, module_hash
+from ldm.data.images import ImageCaptionDataset, collate
+from ldm.data.sampler import ResumableBatchSampler
+from ldm.losses import diffusion as D
+from ldm.models.text import encode_prompts
+from ldm.models.unet import load_components, save_pipeline, trainable_parameters
+from ldm.training import (EMA, Checkpointer, ExampleRNG, finite_or_skip, grad_norm_and_clip, gradient_sync,
+                          log_batch_geometry, make_accelerator, make_lr_scheduler, new_state, seed_step)
+
+logger = logging.getLogger("train.unet")
+
+
+def main(cfg: UNetStageConfig) -> Path:
+    start_time = time.time()
+    accelerator = make_accelerator(cfg.output_dir, cfg.train, cfg)
+    log_batch_geometry(accelerator, cfg.train)
+    train, device = cfg.train, accelerator.device
+    torch.manual_seed(train.seed)  # the same initial U-Net on every process
+    parts = load_components(cfg)  # vae, text_encoder, tokenizer (frozen), unet, noise scheduler
+    vae, text_encoder, tokenizer = parts.vae.to(device), parts.text_encoder.to(device), parts.tokenizer
+    unet, scheduler = parts.unet, parts.scheduler
+    if train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = trainable_parameters(unet, text_encoder, cfg.lora)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    dataset = ImageCaptionDataset(cfg.data)
+    data, collate_fn = training_data(accelerator, cfg, dataset, vae, text_encoder, tokenizer)
+
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                                  weight_decay=train.weight_decay)
+    lr_scheduler = make_lr_scheduler(optimizer, train)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    raw_unet = accelerator.unwrap_model(unet)
+    ema = EMA(raw_unet, train.ema_decay).to(device) if train.ema_decay else None
+    logger.info("U-Net %.2fM parameters, %.2fM trained; %d examples (%s)", _millions(raw_unet.parameters()),
+                _millions(params), len(dataset), "cached latents" if cfg.cache.enabled else "encoded every step")
+
+    state = new_state(accelerator, train)
+    checkpointer = Checkpointer(accelerator, cfg.output_dir, train, {"unet": unet}, {"unet": optimizer},
+                                {"unet": lr_scheduler}, {"unet": ema} if ema else {})
+    checkpointer.resume(state)
+    sampler = ResumableBatchSampler(dataset.groups(), train.batch_size, train.seed, accelerator.process_index,
+                                    accelerator.num_processes, start=state.batches)
+    batches = iter(DataLoader(data, batch_sampler=sampler, collate_fn=collate_fn, num_workers=cfg.data.num_workers,
+                              pin_memory=device.type == "cuda"))
+    empty_text = encode_prompts(text_encoder, tokenizer, [""])[0]  # c_∅ (L, D)
+    losses: list[float] = []
+
+    for _ in tqdm(range(state.step, train.max_steps), initial=state.step, total=train.max_steps, desc="unet",
+                  disable=not accelerator.is_local_main_process):
+        seed_step(train.seed, state.step, accelerator.process_index)
+        total = torch.zeros((), device=device)
+        for micro in range(train.grad_accum_steps):
+            batch = next(batches)
+            state.batches += 1
+            state.see(batch["seed"])
+            with gradient_sync(accelerator, [unet], sync=micro == train.grad_accum_steps - 1):
+                with accelerator.autocast():
+                    loss = training_loss(unet, batch, vae, text_encoder, tokenizer, empty_text, alphas_cumprod,
+                                         cfg.diffusion, scheduler.config)
+                accelerator.backward(loss / train.grad_accum_steps)
+            total += loss.detach() / train.grad_accum_steps
+        norm = grad_norm_and_clip(accelerator, params, train.max_grad_norm)
+        if finite_or_skip(state, bool(torch.isfinite(total) & torch.isfinite(norm)), train.max_nonfinite_steps):
+            optimizer.step()
+            lr_scheduler.step()
+            if ema is not None:
+                ema.update(raw_unet, state.step)
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        losses.append(float(total))
+
+        if state.step % train.log_every == 0 or state.step == train.max_steps:
+            accelerator.log({"loss": sum(losses) / len(losses), "lr": lr_scheduler.get_last_lr()[0],
+                             "grad_norm": float(norm), "skipped_steps": state.skipped}, step=state.step)
+            losses.clear()
+        if accelerator.is_main_process and (state.step % cfg.validation.every == 0 or state.step == train.max_steps):
+            validation_grid(cfg, parts, raw_unet, ema, Path(cfg.output_dir) / "samples" / f"step-{state.step}.png")
+        if state.step % train.checkpoint_every == 0 or state.step == train.max_steps:
+            checkpointer.save(state)
+
+    final = Path(cfg.output_dir) / "final"
+    if accelerator.is_main_process:
+        with atomic_folder(final) as tmp:
+            save_pipeline(tmp, parts, raw_unet, ema, cfg)
+    accelerator.wait_for_everyone()
+    logger.info("done: %d steps (%d skipped), %.1f minutes; pipeline in %s", state.step, state.skipped,
+                (time.time() - start_time) / 60, final)
+    accelerator.end_training()
+    return final
+
+
+def training_data(accelerator, cfg: UNetStageConfig, dataset, vae, text_encoder, tokenizer):
+    """The dataset the loader reads: cached moments + text states, or images encoded every step."""
+    if not cfg.cache.enabled or cfg.lora.train_text_encoder:
+        return dataset, collate
+    folder = Path(cfg.cache.dir or Path(cfg.output_dir) / "cache")
+    fp = fingerprint(dataset, module_hash(vae), module_hash(text_encoder), torch.float32)
+    if accelerator.is_main_process:
+        build_cache(folder, dataset, fp, encode_images=lambda x: posterior_moments(vae, x),
+                    encode_texts=lambda texts: encode_prompts(text_encoder, tokenizer, texts))
+    accelerator.wait_for_everyone()
+    return CachedLatentDataset(folder, dataset), collate_cached
+
+
+@torch.no_grad()
+def posterior_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, log σ²) of q(z|x), encoded in fp32 (the VAE is never autocast)."""
+    with torch.autocast(pixels.device.type, enabled=False):
+        dist = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist
+    return dist.mean, dist.logvar
+
+
+def training_loss(unet, batch: dict, vae, text_encoder, tokenizer, empty_text: torch.Tensor,
+                  alphas_cumprod: torch.Tensor, d: DiffusionConfig, schedule) -> torch.Tensor:
+    """The diffusion loss of one micro-batch, from cached moments or from pixels (same draws either way).
+
+    ``schedule`` is the noise scheduler's config: its prediction_type and variance_type define the task.
+    """
+    device, prediction_type = alphas_cumprod.device, schedule.prediction_type
+    rng = ExampleRNG(batch["seed"])
+    if "mean" in batch:  # cached
+        mean, logvar, text = batch["mean"].to(device), batch["logvar"].to(device), batch["text"].to(device)
+    else:
+        mean, logvar = posterior_moments(vae, batch["pixel_values"])
+        text = encode_prompts(text_encoder, tokenizer, batch["caption"], warn=False)
+    z = (mean + (0.5 * logvar).exp() * rng.randn(mean.shape[1:], device)) * vae.config.scaling_factor  # 0.
+    t = rng.randint(len(alphas_cumprod), device)  # 1.
+    noise = rng.randn(z.shape[1:], device)  # 2.
+    if d.offset_noise:
+        noise = D.offset_noise(noise, rng.randn((z.shape[1], 1, 1), device), d.offset_noise)  # 3.
+    dropped = rng.rand(device) < d.caption_dropout  # 4.
+    text = torch.where(dropped[:, None, None], empty_text.to(text.dtype), text)
+    a_t = alphas_cumprod[t]
+    x_t = D.add_noise(z, noise, a_t)
+    output = unet(x_t, t, encoder_hidden_states=text).sample
+    weight = D.min_snr_weight(D.snr(a_t), d.min_snr_gamma, prediction_type) if d.min_snr_gamma else None
+    if schedule.variance_type == "learned_range":
+        return D.hybrid_loss(output, z, noise, t, alphas_cumprod, prediction_type, d.vlb_weight, weight).mean()
+    return D.simple_loss(output, D.diffusion_target(z, noise, a_t, prediction_type), weight).mean()
+
+
+@torch.no_grad()
+def validation_grid(cfg: UNetStageConfig, parts, unet, ema, path: Path) -> None:
+    """Fixed prompts and seeds, rendered by the shipping pipeline class with the EMA weights."""
+    from ldm.models.unet import make_pipeline
+    from ldm.sampling import make_scheduler, sample_grid
+
+    v = cfg.validation
+    with ema.applied_to(unet) if ema is not None else contextlib.nullcontext():
+        pipe = make_pipeline(parts, unet, make_scheduler("dpm++", parts.scheduler.config))
+        _, grid = sample_grid(pipe, list(v.prompts), 4, v.steps, v.guidance_scale, v.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def _millions(params) -> float:
+    return sum(p.numel() for p in params) / 1e6
+
+
+if __name__ == "__main__":
+    stage_entry("UNetStageConfig", main)
