@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from PIL import Image
@@ -40,6 +41,10 @@ def make_accelerator(output_dir: str, train: TrainConfig, config=None) -> Accele
     if train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 (works on CPU) or no")
     project = ProjectConfiguration(project_dir=output_dir, logging_dir=str(Path(output_dir) / "logs"))
+    # Stages may run one after another in one process (ldm demo, tests) with other precisions:
+    # forget the previous stage's settings but keep the process group.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=train.mixed_precision, log_with="tensorboard",
                               project_config=project)
     world = int(os.environ.get("WORLD_SIZE", "1"))
