@@ -92,13 +92,7 @@ def atomic_folder(final: str | Path):
     try:
         yield tmp
         _fsync_tree(tmp)
-        old = final.parent / f".old-{final.name}"
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        _replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -121,14 +115,24 @@ def commit_checkpoint(tmp: Path, final: Path) -> None:
     """Write the manifest, fsync everything, then rename ``tmp`` to ``final``: the atomic last step."""
     write_manifest(tmp)
     _fsync_tree(tmp)
-    os.replace(tmp, final)
+    _replace_folder(tmp, final)
+
+
+def _replace_folder(new: Path, final: Path) -> None:
+    """Rename ``new`` to ``final``; an existing ``final`` (e.g. an incomplete one) is set aside first."""
+    old = final.parent / f".old-{final.name}"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(new, final)
     _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def rotate_checkpoints(output_dir: str | Path, limit: int | None) -> None:
     """Delete the oldest complete checkpoints beyond ``limit`` and leftovers of killed writes."""
     root = Path(output_dir)
-    for stale in root.glob(".tmp-checkpoint-*"):
+    for stale in [*root.glob(".tmp-checkpoint-*"), *root.glob(".old-checkpoint-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     if limit is None:
         return

@@ -110,7 +110,7 @@ def cmd_push(args) -> None:
 def cmd_demo(args) -> None:
     from ldm.demo import run_demo
 
-    run_demo(args.out, minutes=args.minutes)
+    run_demo(args.out, quick=args.quick)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole chain on the built-in shapes data (CPU-sized)")
     demo.add_argument("--out", default="demo")
-    demo.add_argument("--minutes", type=float, default=None, help="scale the training budget (default: full)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a 2-minute smoke run of the same chain (tiny data, 2 steps per stage)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

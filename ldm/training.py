@@ -59,7 +59,10 @@ def make_accelerator(output_dir: str, train: TrainConfig, config=None) -> Accele
 
 def setup_logging(accelerator: Accelerator) -> None:
     level = logging.INFO if accelerator.is_main_process else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
+    root = logging.getLogger()
+    if not root.handlers:  # leave handlers an application (or pytest) installed alone
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root.setLevel(level)
     for noisy in ("diffusers", "transformers", "datasets", "accelerate", "PIL", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
