@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -32,8 +33,18 @@ def make_scheduler(name: str, config):
 
 def load_pipeline(model: str | Path, device: str | torch.device | None = None,
                   dtype: torch.dtype = torch.float32, scheduler: str | None = None) -> LatentDiffusionPipeline:
-    """A ``LatentDiffusionPipeline`` from a saved folder or Hub id, optionally with another sampler."""
-    pipe = LatentDiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
+    """A ``LatentDiffusionPipeline`` from a saved folder or Hub id, optionally with another sampler.
+
+    A LoRA folder (``pytorch_lora_weights.safetensors`` + ``training.json``) loads its base pipeline
+    (the ``base_model`` it was trained from) with the adapters applied.
+    """
+    folder = Path(model)
+    if (folder / "pytorch_lora_weights.safetensors").exists() and not (folder / "model_index.json").exists():
+        base = json.loads((folder / "training.json").read_text())["base_model"]
+        pipe = LatentDiffusionPipeline.from_pretrained(base, dtype=dtype)
+        pipe.load_lora_weights(str(folder))
+    else:
+        pipe = LatentDiffusionPipeline.from_pretrained(str(model), dtype=dtype)
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -317,6 +318,28 @@ class Checkpointer:
 def new_state(accelerator: Accelerator, train: TrainConfig) -> TrainerState:
     return TrainerState(world_size=accelerator.num_processes, batch_size=train.batch_size,
                         grad_accum_steps=train.grad_accum_steps)
+
+
+def write_summary(folder: Path, stage: str, cfg, state: TrainerState, accelerator: Accelerator, seconds: float,
+                  previous: list = (), base_model: str | None = None, extra: dict | None = None) -> Path:
+    """``training.json``: the summaries of the folders this stage started from, then this stage's own.
+
+    The model card (``ldm.hub``) is written from it; it holds no secrets (paths and numbers only).
+    """
+    stages: list[dict] = []
+    for source in dict.fromkeys(previous):  # unique, in order
+        path = Path(source) / "training.json"
+        if path.exists():
+            stages += [s for s in json.loads(path.read_text())["stages"] if s not in stages]
+    train, data = cfg.train, cfg.data
+    stages.append({"stage": stage, "steps": state.step, "skipped_steps": state.skipped,
+                   "effective_batch": train.batch_size * accelerator.num_processes * train.grad_accum_steps,
+                   "learning_rate": train.learning_rate, "resolution": data.resolution, "data": data.path,
+                   "mixed_precision": train.mixed_precision, "minutes": round(seconds / 60, 1), **(extra or {})})
+    hub_data = [] if Path(data.path).exists() else [data.path]
+    summary = {"stages": stages, "base_model": base_model, "datasets": hub_data, "config": to_dict(cfg)}
+    (Path(folder) / "training.json").write_text(json.dumps(summary, indent=1))
+    return Path(folder) / "training.json"
 
 
 # --------------------------------------------------------------------------------------------

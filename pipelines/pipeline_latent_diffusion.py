@@ -21,6 +21,7 @@ import shutil
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging
@@ -98,7 +99,7 @@ def _is_text(value):
     )
 
 
-class LatentDiffusionPipeline(DiffusionPipeline):
+class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Text-to-image latent diffusion: CLIP text encoder → conditional latent U-Net → KL-VAE decoder.
 
     Args:
@@ -111,6 +112,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    _lora_loadable_modules = ["unet", "text_encoder"]  # pipe.load_lora_weights(dir), as in stock SD
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(

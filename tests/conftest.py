@@ -68,3 +68,26 @@ def unet_overrides(shapes16, tiny_vae_dir, tiny_text_dir, tmp_path):
             "model.attention_heads=2", "train.batch_size=4", "train.max_steps=4", "train.checkpoint_every=2",
             "train.log_every=1", "train.lr_warmup_steps=0", "train.learning_rate=1e-3", "train.ema_decay=0.9",
             "validation.every=1000", "validation.steps=2", "train.seed=3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory, tiny_vae_dir, tiny_text_dir):
+    """A random tiny pipeline folder as stage 2 saves it (the starting point of fine-tuning tests)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from ldm.config import DiffusionConfig, UNetModelConfig
+    from ldm.models.text import load_text_encoder
+    from ldm.models.unet import build_noise_scheduler, build_unet
+    from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
+
+    torch.manual_seed(0)
+    text_encoder, tokenizer = load_text_encoder(tiny_text_dir)
+    unet = build_unet(UNetModelConfig(block_out_channels=(16, 32), cross_attention=(False, True), layers_per_block=1,
+                                      norm_num_groups=8, attention_heads=2), 4, 4, 32)
+    pipe = LatentDiffusionPipeline(vae=AutoencoderKL.from_pretrained(tiny_vae_dir), text_encoder=text_encoder,
+                                   tokenizer=tokenizer, unet=unet,
+                                   scheduler=build_noise_scheduler(DiffusionConfig(), learned_variance=False))
+    folder = tmp_path_factory.mktemp("tiny_pipeline")
+    pipe.save_pretrained(folder)
+    return folder

@@ -30,11 +30,13 @@ from ldm.config import DiffusionConfig, UNetStageConfig
 from ldm.data.cache import CachedLatentDataset, build_cache, collate_cached, fingerprint, module_hash
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
+from ldm.data.streaming import StreamingImageCaptions
 from ldm.losses import diffusion as D
 from ldm.models.text import encode_prompts
-from ldm.models.unet import load_components, save_pipeline, trainable_parameters
+from ldm.models.unet import load_components, save_pipeline, trainable_parameters, vae_scale_factor
 from ldm.training import (EMA, Checkpointer, ExampleRNG, finite_or_skip, grad_norm_and_clip, gradient_sync,
-                          log_batch_geometry, make_accelerator, make_lr_scheduler, new_state, seed_step)
+                          log_batch_geometry, make_accelerator, make_lr_scheduler, new_state, seed_step,
+                          write_summary)
 
 logger = logging.getLogger("train.unet")
 
@@ -52,28 +54,28 @@ def main(cfg: UNetStageConfig) -> Path:
         unet.enable_gradient_checkpointing()
     params = trainable_parameters(unet, text_encoder, cfg.lora)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    dataset = ImageCaptionDataset(cfg.data)
-    data, collate_fn = training_data(accelerator, cfg, dataset, vae, text_encoder, tokenizer)
 
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                                   weight_decay=train.weight_decay)
     lr_scheduler = make_lr_scheduler(optimizer, train)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    models = {"unet": unet}
+    if cfg.lora.train_text_encoder:
+        models["text_encoder"] = text_encoder
+    prepared = accelerator.prepare(*models.values(), optimizer)
+    models, optimizer = dict(zip(models, prepared[:-1])), prepared[-1]
+    unet = models["unet"]
+    text_encoder = models.get("text_encoder", text_encoder)
     raw_unet = accelerator.unwrap_model(unet)
     ema = EMA(raw_unet, train.ema_decay).to(device) if train.ema_decay else None
-    logger.info("U-Net %.2fM parameters, %.2fM trained; %d examples (%s)", _millions(raw_unet.parameters()),
-                _millions(params), len(dataset), "cached latents" if cfg.cache.enabled else "encoded every step")
-
     state = new_state(accelerator, train)
-    checkpointer = Checkpointer(accelerator, cfg.output_dir, train, {"unet": unet}, {"unet": optimizer},
+    checkpointer = Checkpointer(accelerator, cfg.output_dir, train, models, {"unet": optimizer},
                                 {"unet": lr_scheduler}, {"unet": ema} if ema else {})
     checkpointer.resume(state)
-    sampler = ResumableBatchSampler(dataset.groups(), train.batch_size, train.seed, accelerator.process_index,
-                                    accelerator.num_processes, start=state.batches)
-    batches = iter(DataLoader(data, batch_sampler=sampler, collate_fn=collate_fn, num_workers=cfg.data.num_workers,
-                              pin_memory=device.type == "cuda"))
+    batches, source = training_batches(accelerator, cfg, state.batches, parts)
+    logger.info("U-Net %.2fM parameters, %.2fM trained; data: %s", _millions(raw_unet.parameters()),
+                _millions(params), source)
     empty_text = encode_prompts(text_encoder, tokenizer, [""])[0]  # c_∅ (L, D)
-    losses: list[float] = []
+    loss_sum, loss_count = torch.zeros((), device=device), 0
 
     for _ in tqdm(range(state.step, train.max_steps), initial=state.step, total=train.max_steps, desc="unet",
                   disable=not accelerator.is_local_main_process):
@@ -83,7 +85,7 @@ def main(cfg: UNetStageConfig) -> Path:
             batch = next(batches)
             state.batches += 1
             state.see(batch["seed"])
-            with gradient_sync(accelerator, [unet], sync=micro == train.grad_accum_steps - 1):
+            with gradient_sync(accelerator, list(models.values()), sync=micro == train.grad_accum_steps - 1):
                 with accelerator.autocast():
                     loss = training_loss(unet, batch, vae, text_encoder, tokenizer, empty_text, alphas_cumprod,
                                          cfg.diffusion, scheduler.config)
@@ -97,12 +99,12 @@ def main(cfg: UNetStageConfig) -> Path:
                 ema.update(raw_unet, state.step)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        losses.append(float(total))
+        loss_sum, loss_count = loss_sum + total, loss_count + 1
 
         if state.step % train.log_every == 0 or state.step == train.max_steps:
-            accelerator.log({"loss": sum(losses) / len(losses), "lr": lr_scheduler.get_last_lr()[0],
+            accelerator.log({"loss": float(loss_sum) / loss_count, "lr": lr_scheduler.get_last_lr()[0],
                              "grad_norm": float(norm), "skipped_steps": state.skipped}, step=state.step)
-            losses.clear()
+            loss_sum, loss_count = torch.zeros((), device=device), 0
         if accelerator.is_main_process and (state.step % cfg.validation.every == 0 or state.step == train.max_steps):
             validation_grid(cfg, parts, raw_unet, ema, Path(cfg.output_dir) / "samples" / f"step-{state.step}.png")
         if state.step % train.checkpoint_every == 0 or state.step == train.max_steps:
@@ -112,6 +114,11 @@ def main(cfg: UNetStageConfig) -> Path:
     if accelerator.is_main_process:
         with atomic_folder(final) as tmp:
             save_pipeline(tmp, parts, raw_unet, ema, cfg)
+            write_summary(tmp, "unet", cfg, state, accelerator, time.time() - start_time,
+                          previous=[p for p in (cfg.pretrained or cfg.vae, cfg.pretrained or cfg.text_encoder) if p],
+                          base_model=cfg.pretrained,
+                          extra={"prediction_type": scheduler.config.prediction_type,
+                                 "lora_rank": cfg.lora.rank or None})
     accelerator.wait_for_everyone()
     logger.info("done: %d steps (%d skipped), %.1f minutes; pipeline in %s", state.step, state.skipped,
                 (time.time() - start_time) / 60, final)
@@ -119,9 +126,39 @@ def main(cfg: UNetStageConfig) -> Path:
     return final
 
 
-def training_data(accelerator, cfg: UNetStageConfig, dataset, vae, text_encoder, tokenizer):
+def training_batches(accelerator, cfg: UNetStageConfig, start: int, parts):
+    """An endless iterator of this process's micro-batches from global batch ``start`` on, and its description."""
+    train, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
+    loader = dict(num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
+    if cfg.data.streaming:
+        stream = StreamingImageCaptions(cfg.data, train.seed, rank, world, train.batch_size, start_batches=start)
+        return iter(DataLoader(stream, batch_size=train.batch_size, collate_fn=collate, **loader)), \
+            "streamed, encoded every step"
+    dataset = ImageCaptionDataset(cfg.data)
+    check_buckets(cfg, parts)
+    data, collate_fn = training_data(accelerator, cfg, dataset, parts)
+    sampler = ResumableBatchSampler(dataset.groups(), train.batch_size, train.seed, rank, world, start=start)
+    cached = data is not dataset
+    return iter(DataLoader(data, batch_sampler=sampler, collate_fn=collate_fn, **loader)), \
+        f"{len(dataset)} examples in {len(dataset.groups())} bucket(s), " + \
+        ("cached latents and text states" if cached else "encoded every step")
+
+
+def check_buckets(cfg: UNetStageConfig, parts) -> None:
+    """Every bucket's sides must survive the VAE's and the U-Net's downsampling."""
+    step = vae_scale_factor(parts.vae) * 2 ** (len(parts.unet.config.block_out_channels) - 1)
+    bad = [b for b in cfg.data.buckets if b[0] % step or b[1] % step]
+    if bad or cfg.data.resolution % step:
+        raise ValueError(f"data.buckets {bad or ''} / data.resolution {cfg.data.resolution}: sides must be "
+                         f"multiples of {step} (VAE factor x U-Net downsampling)")
+
+
+def training_data(accelerator, cfg: UNetStageConfig, dataset, parts):
     """The dataset the loader reads: cached moments + text states, or images encoded every step."""
+    vae, text_encoder, tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
     if not cfg.cache.enabled or cfg.lora.train_text_encoder:
+        if cfg.lora.train_text_encoder and cfg.cache.enabled:
+            logger.info("the text encoder is trained: no cache, images and captions are encoded every step")
         return dataset, collate
     folder = Path(cfg.cache.dir or Path(cfg.output_dir) / "cache")
     fp = fingerprint(dataset, module_hash(vae), module_hash(text_encoder), torch.float32)
@@ -145,21 +182,33 @@ def training_loss(unet, batch: dict, vae, text_encoder, tokenizer, empty_text: t
     """The diffusion loss of one micro-batch, from cached moments or from pixels (same draws either way).
 
     ``schedule`` is the noise scheduler's config: its prediction_type and variance_type define the task.
+    A text encoder with trainable weights encodes the captions with gradients ("" where dropped).
     """
     device, prediction_type = alphas_cumprod.device, schedule.prediction_type
+    cached = "mean" in batch
+    f = vae_scale_factor(vae)
+    shape = batch["mean"].shape[1:] if cached else (vae.config.latent_channels,
+                                                    *(s // f for s in batch["pixel_values"].shape[2:]))
     rng = ExampleRNG(batch["seed"])
-    if "mean" in batch:  # cached
+    eps_z = rng.randn(shape, device)  # 0.
+    t = rng.randint(len(alphas_cumprod), device)  # 1.
+    noise = rng.randn(shape, device)  # 2.
+    if d.offset_noise:
+        noise = D.offset_noise(noise, rng.randn((shape[0], 1, 1), device), d.offset_noise)  # 3.
+    dropped = rng.rand(device) < d.caption_dropout  # 4.
+
+    if cached:
         mean, logvar, text = batch["mean"].to(device), batch["logvar"].to(device), batch["text"].to(device)
     else:
         mean, logvar = posterior_moments(vae, batch["pixel_values"])
-        text = encode_prompts(text_encoder, tokenizer, batch["caption"], warn=False)
-    z = (mean + (0.5 * logvar).exp() * rng.randn(mean.shape[1:], device)) * vae.config.scaling_factor  # 0.
-    t = rng.randint(len(alphas_cumprod), device)  # 1.
-    noise = rng.randn(z.shape[1:], device)  # 2.
-    if d.offset_noise:
-        noise = D.offset_noise(noise, rng.randn((z.shape[1], 1, 1), device), d.offset_noise)  # 3.
-    dropped = rng.rand(device) < d.caption_dropout  # 4.
-    text = torch.where(dropped[:, None, None], empty_text.to(text.dtype), text)
+    if any(p.requires_grad for p in text_encoder.parameters()):  # trained: encode "" for dropped captions
+        captions = ["" if drop else c for drop, c in zip(dropped.tolist(), batch["caption"])]
+        text = encode_prompts(text_encoder, tokenizer, captions, warn=False, grad=True)
+    else:
+        if not cached:
+            text = encode_prompts(text_encoder, tokenizer, batch["caption"], warn=False)
+        text = torch.where(dropped[:, None, None], empty_text.to(text.dtype), text)
+    z = (mean + (0.5 * logvar).exp() * eps_z) * vae.config.scaling_factor
     a_t = alphas_cumprod[t]
     x_t = D.add_noise(z, noise, a_t)
     output = unet(x_t, t, encoder_hidden_states=text).sample

@@ -201,15 +201,21 @@ class ImageCaptionDataset(Dataset):
     def load(self, pos: int, seed: int, flip: bool) -> dict:
         """Example ``pos``, cropped with the example's ``seed`` and mirrored when ``flip``."""
         row = self.records[self.valid[pos]]
-        image = to_rgb(decode_image(row[self.data.image_column]))
-        image = resize_crop(image, *self.target_size(pos), self.data.crop, random.Random(seed))
-        if flip:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
         caption = row[self.data.caption_column] if self.need_captions else ""
-        return {"pixel_values": to_tensor(image), "caption": str(caption), "index": pos, "seed": seed}
+        return make_example(decode_image(row[self.data.image_column]), caption, pos, seed, self.target_size(pos),
+                            self.data.crop, flip)
 
     def name(self, pos: int) -> str:
         return image_name(self.records[self.valid[pos]][self.data.image_column], self.valid[pos])
+
+
+def make_example(image: Image.Image, caption, index: int, seed: int, size: tuple[int, int], crop: str,
+                 flip: bool) -> dict:
+    """One training example: RGB, resized and cropped to ``size`` (H, W) with the example's seed, maybe mirrored."""
+    image = resize_crop(to_rgb(image), *size, crop, random.Random(seed))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return {"pixel_values": to_tensor(image), "caption": str(caption), "index": index, "seed": seed}
 
 
 def collate(items: list[dict]) -> dict:

@@ -59,18 +59,21 @@ def build_noise_scheduler(diffusion: DiffusionConfig, learned_variance: bool) ->
     )
 
 
-def add_lora(unet: UNet2DConditionModel, lora: LoRAConfig) -> list:
-    """Freeze ``unet`` and attach LoRA adapters (peft) to its attention projections; returns them."""
+def add_lora(model: torch.nn.Module, lora: LoRAConfig, target_modules: tuple[str, ...]) -> list:
+    """Freeze ``model`` and attach LoRA adapters (peft) to ``target_modules``; returns the adapter weights."""
     from peft import LoraConfig
 
-    unet.requires_grad_(False)
+    model.requires_grad_(False)
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, init_lora_weights="gaussian",
-                        target_modules=list(lora.target_modules))
-    unet.add_adapter(config)
-    params = [p for p in unet.parameters() if p.requires_grad]
+                        target_modules=list(target_modules))
+    model.add_adapter(config)
+    params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(f"lora.target_modules {list(lora.target_modules)} matched no U-Net layer")
+        raise ValueError(f"LoRA target modules {list(target_modules)} matched no layer of {type(model).__name__}")
     return params
+
+
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclass
@@ -117,10 +120,15 @@ def load_components(cfg: UNetStageConfig) -> Components:
 
 
 def trainable_parameters(unet: UNet2DConditionModel, text_encoder, lora: LoRAConfig) -> list:
-    """What the optimizer updates: the whole U-Net, or LoRA adapters (and optionally the text encoder)."""
-    params = add_lora(unet, lora) if lora.rank > 0 else [p for p in unet.parameters() if p.requires_grad]
+    """What the optimizer updates: the whole U-Net or its LoRA adapters, plus (optionally) the text encoder
+    or its LoRA adapters. Everything else is frozen."""
+    params = add_lora(unet, lora, lora.target_modules) if lora.rank > 0 else list(unet.parameters())
     if lora.train_text_encoder:
-        raise NotImplementedError("lora.train_text_encoder is not supported yet")
+        text_encoder.train()
+        if lora.rank > 0:
+            params += add_lora(text_encoder, lora, TEXT_LORA_TARGETS)
+        else:
+            params += list(text_encoder.requires_grad_(True).parameters())
     return params
 
 
@@ -134,11 +142,23 @@ def make_pipeline(parts: Components, unet: UNet2DConditionModel, scheduler):
 
 
 def save_pipeline(folder: Path, parts: Components, unet: UNet2DConditionModel, ema, cfg: UNetStageConfig) -> Path:
-    """Write the pipeline folder: the EMA U-Net, and DPM-Solver++ on the training schedule as sampler."""
+    """Write the stage's result: a pipeline folder (EMA U-Net, DPM-Solver++ on the training schedule as
+    the default sampler), or with LoRA only ``pytorch_lora_weights.safetensors`` for the base pipeline."""
     unet = copy.deepcopy(unet).to("cpu")
     if ema is not None:
         ema.copy_to(unet)
+    text_encoder = parts.text_encoder.to("cpu")
     sampler = DPMSolverMultistepScheduler.from_config(parts.scheduler.config, algorithm_type="dpmsolver++")
-    cpu = Components(parts.vae.to("cpu"), parts.text_encoder.to("cpu"), parts.tokenizer, unet, parts.scheduler)
-    make_pipeline(cpu, unet, sampler).save_pretrained(folder, safe_serialization=True)
+    pipe = make_pipeline(Components(parts.vae.to("cpu"), text_encoder, parts.tokenizer, unet, parts.scheduler),
+                         unet, sampler)
+    if cfg.lora.rank > 0:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        text_layers = (convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+                       if cfg.lora.train_text_encoder else None)
+        pipe.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+                               text_encoder_lora_layers=text_layers, safe_serialization=True)
+    else:
+        pipe.save_pretrained(folder, safe_serialization=True)
     return folder
