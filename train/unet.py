@@ -109,21 +109,42 @@ def main(cfg: UNetStageConfig) -> Path:
             validation_grid(cfg, parts, raw_unet, ema, Path(cfg.output_dir) / "samples" / f"step-{state.step}.png")
         if state.step % train.checkpoint_every == 0 or state.step == train.max_steps:
             checkpointer.save(state)
+            if cfg.push.repo_id and cfg.push.checkpoints_branch and accelerator.is_main_process:
+                publish(cfg, parts, raw_unet, ema, state, accelerator, time.time() - start_time)
 
     final = Path(cfg.output_dir) / "final"
     if accelerator.is_main_process:
         with atomic_folder(final) as tmp:
-            save_pipeline(tmp, parts, raw_unet, ema, cfg)
-            write_summary(tmp, "unet", cfg, state, accelerator, time.time() - start_time,
-                          previous=[p for p in (cfg.pretrained or cfg.vae, cfg.pretrained or cfg.text_encoder) if p],
-                          base_model=cfg.pretrained,
-                          extra={"prediction_type": scheduler.config.prediction_type,
-                                 "lora_rank": cfg.lora.rank or None})
+            save_result(tmp, cfg, parts, raw_unet, ema, state, accelerator, time.time() - start_time)
+        if cfg.push.repo_id:
+            from ldm.hub import push
+
+            push(final, cfg.push.repo_id, private=cfg.push.private)
     accelerator.wait_for_everyone()
     logger.info("done: %d steps (%d skipped), %.1f minutes; pipeline in %s", state.step, state.skipped,
                 (time.time() - start_time) / 60, final)
     accelerator.end_training()
     return final
+
+
+def save_result(folder: Path, cfg: UNetStageConfig, parts, unet, ema, state, accelerator, seconds: float) -> None:
+    """The pipeline (or LoRA) folder with its ``training.json``."""
+    save_pipeline(folder, parts, unet, ema, cfg)
+    write_summary(folder, "unet", cfg, state, accelerator, seconds,
+                  previous=[p for p in (cfg.pretrained or cfg.vae, cfg.pretrained or cfg.text_encoder) if p],
+                  base_model=cfg.pretrained,
+                  extra={"prediction_type": parts.scheduler.config.prediction_type, "lora_rank": cfg.lora.rank or None})
+
+
+def publish(cfg: UNetStageConfig, parts, unet, ema, state, accelerator, seconds: float) -> None:
+    """Push a snapshot of the current (EMA) model to the branch ``push.checkpoints_branch``."""
+    from ldm.hub import push
+
+    snapshot = Path(cfg.output_dir) / "snapshot"
+    with atomic_folder(snapshot) as tmp:
+        save_result(tmp, cfg, parts, unet, ema, state, accelerator, seconds)
+    push(snapshot, cfg.push.repo_id, private=cfg.push.private, revision=cfg.push.checkpoints_branch,
+         commit_message=f"checkpoint at step {state.step}")
 
 
 def training_batches(accelerator, cfg: UNetStageConfig, start: int, parts):

@@ -147,10 +147,9 @@ def save_pipeline(folder: Path, parts: Components, unet: UNet2DConditionModel, e
     unet = copy.deepcopy(unet).to("cpu")
     if ema is not None:
         ema.copy_to(unet)
-    text_encoder = parts.text_encoder.to("cpu")
+    text_encoder = parts.text_encoder
     sampler = DPMSolverMultistepScheduler.from_config(parts.scheduler.config, algorithm_type="dpmsolver++")
-    pipe = make_pipeline(Components(parts.vae.to("cpu"), text_encoder, parts.tokenizer, unet, parts.scheduler),
-                         unet, sampler)
+    pipe = make_pipeline(parts, unet, sampler)  # safetensors copies device tensors to the host itself
     if cfg.lora.rank > 0:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict

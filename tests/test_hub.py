@@ -1,0 +1,97 @@
+"""Publishing: the dry-run release folder loads with trust_remote_code; its card is complete; no token leaks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from ldm.cli import main as cli
+from ldm.config import UNetStageConfig, load_config
+from train import unet as stage2
+
+FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789abcdef"
+
+
+@pytest.fixture
+def trained(unet_overrides, tmp_path):
+    final = stage2.main(load_config(UNetStageConfig, None, unet_overrides))
+    (final / "metrics").mkdir()
+    (final / "metrics" / "pipeline.json").write_text(json.dumps({"accuracy": 0.875, "bits_per_dim": 1.25}))
+    return final
+
+
+def test_dry_run_release_loads_with_trust_remote_code_and_has_a_full_card(trained, capsys):
+    cli(["push", "--model", str(trained), "--repo-id", "someone/tiny-ldm", "--dry-run"])
+    release = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    files = sorted(p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file())
+    assert {"README.md", "model_index.json", "pipeline_latent_diffusion.py", "samples.png", "training.json",
+            "unet/diffusion_pytorch_model.safetensors", "tokenizer/tokenizer.json"} <= set(files)
+    assert not [f for f in files if f.startswith(("checkpoint", "cache", "logs", "metrics")) or "optim" in f
+                or f.endswith((".bin", ".pt", ".pkl"))]
+    index = json.loads((release / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]
+
+    card = ModelCard.load(release / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert "text-to-image" in card.data.tags and card.data.license
+    assert "![samples](samples.png)" in card.text and "0.875" in card.text and "1.25" in card.text
+    assert "trust_remote_code=True" in card.text and "revision=" in card.text and "| unet |" in card.text
+
+    script = ("import sys, torch; from diffusers import DiffusionPipeline\n"
+              "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+              "img = pipe('a red circle', num_inference_steps=2, output_type='np',"
+              " generator=torch.Generator().manual_seed(0)).images\n"
+              "print(type(pipe).__name__, img.shape)")
+    fresh = subprocess.run([sys.executable, "-c", script, str(release)], capture_output=True, text=True,
+                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(release.parent)},
+                           cwd=release.parent)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert fresh.stdout.strip().endswith("LatentDiffusionPipeline (1, 16, 16, 3)")
+
+
+class FakeApi:
+    calls: list = []
+
+    def create_repo(self, repo_id, **kw):
+        FakeApi.calls.append(("create_repo", repo_id, kw))
+        return f"https://huggingface.co/{repo_id}"
+
+    def create_branch(self, repo_id, **kw):
+        FakeApi.calls.append(("create_branch", repo_id, kw))
+
+    def upload_folder(self, **kw):
+        files = sorted(p.name for p in Path(kw["folder_path"]).rglob("*") if p.is_file())
+        FakeApi.calls.append(("upload_folder", kw["repo_id"], {**kw, "files": files}))
+
+
+def test_push_and_training_push_never_leak_the_token(unet_overrides, tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setattr("ldm.hub.HfApi", FakeApi)
+    FakeApi.calls.clear()
+    caplog.set_level("DEBUG")
+    cfg = load_config(UNetStageConfig, None, unet_overrides + ["push.repo_id=someone/tiny", "push.private=true",
+                                                               "push.checkpoints_branch=checkpoints"])
+    final = stage2.main(cfg)
+    cli(["push", "--model", str(final), "--repo-id", "someone/tiny", "--revision", "v1"])
+    kinds = [(c[0], c[2].get("revision") or c[2].get("branch")) for c in FakeApi.calls]
+    assert ("upload_folder", "checkpoints") in kinds and ("upload_folder", None) in kinds
+    assert ("create_branch", "v1") in kinds and ("upload_folder", "v1") in kinds
+    privacy = [c[2].get("private") for c in FakeApi.calls if c[0] == "create_repo"]
+    assert privacy[:-1] and all(privacy[:-1]) and privacy[-1] is False  # training pushes private, the CLI did not
+    uploads = [c for c in FakeApi.calls if c[0] == "upload_folder"]
+    assert all("README.md" in c[2]["files"] and "token" not in c[2] for c in uploads)
+    out = capsys.readouterr()
+    assert FAKE_TOKEN not in caplog.text + out.out + out.err
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_push_refuses_folders_that_are_not_models(tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "model-unet.safetensors").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="neither a pipeline folder"):
+        cli(["push", "--model", str(tmp_path / "checkpoint-4"), "--repo-id", "a/b", "--dry-run"])
