@@ -100,7 +100,8 @@ def atomic_folder(final: str | Path):
 
 def write_manifest(folder: Path) -> None:
     """The completion marker: every file in ``folder`` with its size, written last."""
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MARKER}
     (folder / MARKER).write_text(json.dumps({"files": files}, indent=1))
 
 

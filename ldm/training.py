@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from PIL import Image
 
@@ -191,7 +191,9 @@ def gradient_sync(accelerator: Accelerator, models: list, sync: bool):
 def grad_norm_and_clip(accelerator: Accelerator, params, max_norm: float | None) -> torch.Tensor:
     """Total gradient norm (after unscaling), clipping to ``max_norm`` when set."""
     params = [p for p in params if p.grad is not None]
-    return accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+    norm = accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+    # DeepSpeed clips inside its engine and returns None: the loss alone then guards against NaN
+    return torch.zeros((), device=accelerator.device) if norm is None else norm
 
 
 @dataclass
@@ -234,21 +236,32 @@ def finite_or_skip(state: TrainerState, finite: bool, limit: int, what: str = "l
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 class Checkpointer:
-    """Saves and restores everything a stage trains, atomically and without pickle."""
+    """Saves and restores everything a stage trains, atomically and without pickle.
+
+    Under FSDP or DeepSpeed the weights and optimizer states are sharded across processes; they are
+    then written by ``accelerator.save_state`` (safetensors weights; optimizer shards read back with
+    ``weights_only=True``) into ``accelerate/`` inside the same atomic checkpoint folder.
+    """
 
     def __init__(self, accelerator: Accelerator, output_dir: str, train: TrainConfig, models: dict,
                  optimizers: dict, schedulers: dict, emas: dict | None = None):
         self.accelerator, self.output_dir, self.train = accelerator, Path(output_dir), train
         self.models, self.optimizers, self.schedulers, self.emas = models, optimizers, schedulers, emas or {}
+        self.sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if self.sharded and self.emas and accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("train.ema_decay with FSDP: the EMA would average parameter shards; use DDP or "
+                             "DeepSpeed ZeRO-2 (configs/accelerate/), or set train.ema_decay=null")
 
     def save(self, state: TrainerState) -> Path:
         acc = self.accelerator
         final = self.output_dir / f"checkpoint-{state.step}"
         tmp = self.output_dir / f".tmp-checkpoint-{state.step}"
-        model_states = {n: acc.get_state_dict(m) for n, m in self.models.items()}  # collective under FSDP
+        model_states = {} if self.sharded else {n: acc.get_state_dict(m) for n, m in self.models.items()}
         if acc.is_main_process:
             ckpt.fresh_folder(tmp)
         acc.wait_for_everyone()
+        if self.sharded:
+            acc.save_state(str(tmp / "accelerate"), safe_serialization=True)  # collective
         tensors, other = ckpt.rng_state()
         ckpt.save_state_dict(tmp / f"rng-{acc.process_index}.safetensors", tensors)
         ckpt.save_json(tmp / f"rng-{acc.process_index}.json", other)
@@ -266,7 +279,7 @@ class Checkpointer:
             ckpt.save_state_dict(tmp / f"model-{name}.safetensors", sd)
         for name, ema in self.emas.items():
             ckpt.save_state_dict(tmp / f"ema-{name}.safetensors", ema.state_dict())
-        for name, opt in self.optimizers.items():
+        for name, opt in ({} if self.sharded else self.optimizers).items():
             ckpt.save_optimizer(tmp, name, opt.optimizer if hasattr(opt, "optimizer") else opt)
         scalars = {n: s.state_dict() for n, s in self.schedulers.items()}
         if self.accelerator.scaler is not None:
@@ -283,12 +296,15 @@ class Checkpointer:
         acc = self.accelerator
         saved = TrainerState(**ckpt.load_json(folder / "trainer.json"))
         self._check_geometry(saved, folder)
-        for name, model in self.models.items():
-            acc.unwrap_model(model).load_state_dict(ckpt.load_state_dict(folder / f"model-{name}.safetensors"))
+        if self.sharded:
+            acc.load_state(str(folder / "accelerate"))
+        else:
+            for name, model in self.models.items():
+                acc.unwrap_model(model).load_state_dict(ckpt.load_state_dict(folder / f"model-{name}.safetensors"))
+            for name, opt in self.optimizers.items():
+                ckpt.load_optimizer(folder, name, opt.optimizer if hasattr(opt, "optimizer") else opt)
         for name, ema in self.emas.items():
             ema.load_state_dict(ckpt.load_state_dict(folder / f"ema-{name}.safetensors"))
-        for name, opt in self.optimizers.items():
-            ckpt.load_optimizer(folder, name, opt.optimizer if hasattr(opt, "optimizer") else opt)
         scalars = ckpt.load_json(folder / "schedulers.json")
         for name, sched in self.schedulers.items():
             sched.load_state_dict(scalars[name])
