@@ -237,20 +237,39 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
         return embeds, [max(0, n - length) for n in full_lengths]
 
-    def encode_prompt(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance, per_prompt):
+    def _encode_distinct(self, texts, device):
+        """{name: [str]} → ({name: [len, L, D]}, {name: tokens each text lost}) from ONE text-encoder call
+        over the distinct texts. The encoder treats every row on its own, so this changes no result."""
+        unique = list(dict.fromkeys(t for batch in texts.values() for t in batch))
+        if not unique:
+            return {}, {}
+        embeds, lost = self._encode_text(unique, device)
+        row = {t: i for i, t in enumerate(unique)}
+        rows = {name: [row[t] for t in batch] for name, batch in texts.items()}
+        return ({name: embeds[torch.tensor(r, device=embeds.device)] for name, r in rows.items()},
+                {name: [lost[i] for i in r] for name, r in rows.items()})
+
+    def encode_prompt(
+        self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance, per_prompt, device=None
+    ):
         """Conditional and unconditional embeddings c, u, each [B · per_prompt, L, D]; u is None without guidance.
 
         The negative prompt defaults to "" — the empty-prompt embedding that caption dropout trains for.
-        It is encoded on every call, never cached: the text encoder may be changed in place (fine-tuning).
+        Prompts and negative prompts are encoded together, each distinct text once (the default "" is one
+        row, not one per prompt). Nothing is cached across calls: the text encoder may change in place
+        (fine-tuning; LoRA fusing writes through `.data`, which bumps no version counter).
         """
-        device, cut = self._execution_device, {}
+        device = device or self._execution_device
+        texts = {}
         if prompt_embeds is None:
-            prompt = [prompt] if isinstance(prompt, str) else prompt
-            prompt_embeds, cut["prompt"] = self._encode_text(prompt, device)
+            texts["prompt"] = [prompt] if isinstance(prompt, str) else list(prompt)
         if guidance and negative_prompt_embeds is None:
             negative = negative_prompt or ""
-            negative = [negative] * len(prompt_embeds) if isinstance(negative, str) else negative
-            negative_prompt_embeds, cut["negative_prompt"] = self._encode_text(negative, device)
+            batch = len(texts["prompt"]) if prompt_embeds is None else len(prompt_embeds)
+            texts["negative_prompt"] = [negative] * batch if isinstance(negative, str) else list(negative)
+        encoded, cut = self._encode_distinct(texts, device)
+        prompt_embeds = encoded.get("prompt", prompt_embeds)
+        negative_prompt_embeds = encoded.get("negative_prompt", negative_prompt_embeds)
         if guidance and negative_prompt_embeds.shape != prompt_embeds.shape:
             raise ValueError(
                 f"`negative_prompt_embeds` (given or encoded from `negative_prompt`) has shape "
@@ -271,9 +290,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             logger.warning(f"Truncated to the text encoder's {context}-token context: {'; '.join(lost)}.")
 
     # --- sampling ------------------------------------------------------------------------------------
-    def prepare_latents(self, shape, generator, latents):
+    def prepare_latents(self, shape, generator, latents, device=None):
         """z_T = σ_T · ε with ε ~ N(0, I) drawn from `generator` (or the given `latents` as ε)."""
-        device, dtype = self._execution_device, self.unet.dtype
+        device, dtype = device or self._execution_device, self.unet.dtype
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
@@ -400,13 +419,15 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         shape = (batch * num_images_per_prompt, self.latent_channels, height // f, width // f)
         callback_inputs = list(callback_on_step_end_tensor_inputs)
         self._check_run_inputs(shape, generator, latents, output_type, callback_on_step_end, callback_inputs)
-        # 1. text embeddings c and u, each [B · n, L, D]
+        # 1. text embeddings c and u, each [B · n, L, D]; the device is looked up once (it walks every module)
+        device = self._execution_device
         cond, uncond = self.encode_prompt(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale > 1, num_images_per_prompt
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale > 1, num_images_per_prompt,
+            device,
         )
         # 2. timesteps, then z_T (a scheduler's σ_T may depend on its timesteps)
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-        latents = self.prepare_latents(shape, generator, latents)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = self.prepare_latents(shape, generator, latents, device)
         state = {"latents": latents, "prompt_embeds": cond, "negative_prompt_embeds": uncond}
         # 3. denoise z_T -> z_0
         latents = self.denoise(

@@ -1,0 +1,204 @@
+"""Stage 0: train a small CLIP with open_clip's contrastive loss; keep its text tower.
+
+    ldm train text-encoder --config configs/text_encoder/shapes.yaml [--set key=value ...]
+    accelerate launch -m train.text_encoder --config configs/text_encoder/shapes.yaml
+
+Image and text towers come from an open_clip model config built from ``cfg.model``; the loss is
+the symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3) with a learnable temperature:
+
+    L = ½ [CE(τ · V Tᵀ, I) + CE(τ · T Vᵀ, I)],   V, T: [B, E] unit image / text features, τ = exp(logit_scale)
+
+With several processes every process gathers the features of all of them *with* gradients
+(``ClipLoss(gather_with_grad=True, local_loss=False)``), so the loss is the one of the global
+batch and the averaged gradient equals that of one process with the whole batch. Gradient
+accumulation contrasts each micro-batch with its own negatives.
+
+The last ``cfg.eval_samples`` pairs are held out from training; text→image retrieval on them is
+logged every ``cfg.eval_every`` steps. Output, ``<output_dir>/final``:
+    text_encoder/, tokenizer/   the text tower as CLIPTextModel + CLIPTokenizer (layer choice applied)
+    open_clip/                  the whole open_clip model (safetensors) for `ldm eval text-encoder`
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from open_clip import ClipLoss
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ldm.checkpoint import atomic_folder
+from ldm.cli import stage_entry
+from ldm.config import TextEncoderStageConfig
+from ldm.data.images import ImageCaptionDataset, collate
+from ldm.data.sampler import ResumableBatchSampler
+from ldm.evaluation.retrieval import evaluate_clip
+from ldm.models.text import (build_clip_tokenizer, build_open_clip, open_clip_config, openclip_to_clip_text,
+                             save_open_clip, save_text_encoder, tokenize, warn_if_truncated)
+from ldm.training import (EMA, Checkpointer, finite_or_skip, gradient_sync, grad_norm_and_clip, log_batch_geometry,
+                          make_accelerator, make_lr_scheduler, new_state, seed_step, write_summary)
+
+logger = logging.getLogger(__name__)
+MAX_LOGIT_SCALE = math.log(100)  # τ ≤ 100, as in CLIP
+
+
+def split_held_out(total: int, held_out: int) -> tuple[list[int], list[int]]:
+    """(train positions, held-out positions): the last ``held_out`` pairs are never trained on."""
+    if held_out >= total:
+        raise ValueError(f"eval_samples={held_out} leaves no training pairs out of {total}; lower eval_samples")
+    return list(range(total - held_out)), list(range(total - held_out, total))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; gains, biases and the logit scale are not decayed (as open_clip)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.ndim < 2 or "bias" in name or "ln" in name or "logit_scale" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def contrastive_loss(model, loss_fn: ClipLoss, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """pixel_values [B, 3, H, W] in [-1, 1], input_ids [B, L] -> scalar CLIP loss."""
+    image_features, text_features, logit_scale = model(pixel_values, input_ids)  # [B, E], [B, E], τ
+    return loss_fn(image_features, text_features, logit_scale)
+
+
+def main(cfg: TextEncoderStageConfig) -> Path:
+    start_time = time.time()
+    accelerator = make_accelerator(cfg.output_dir, cfg.train, cfg)
+    log_batch_geometry(accelerator, cfg.train)
+    device, accum = accelerator.device, cfg.train.grad_accum_steps
+
+    dataset, train_positions, eval_batch, tokenizer = prepare_data(cfg)
+
+    # Model, optimiser, schedule.
+    clip_config = open_clip_config(cfg.model, cfg.data.resolution)
+    torch.manual_seed(cfg.train.seed)
+    model = build_open_clip(clip_config)
+    if cfg.train.gradient_checkpointing:
+        model.set_grad_checkpointing(True)
+    logger.info("CLIP: %.2fM parameters (text tower %.2fM)", sum(p.numel() for p in model.parameters()) / 1e6,
+                sum(p.numel() for n, p in model.named_parameters() if not n.startswith("visual")) / 1e6)
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.learning_rate,
+                            betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
+    lr_scheduler = make_lr_scheduler(opt, cfg.train)
+    ema = EMA(model, cfg.train.ema_decay).to(device) if cfg.train.ema_decay else None
+    model, opt = accelerator.prepare(model, opt)
+    loss_fn = ClipLoss(gather_with_grad=True, cache_labels=True, rank=accelerator.process_index,
+                       world_size=accelerator.num_processes)
+
+    state = new_state(accelerator, cfg.train)
+    checkpointer = Checkpointer(accelerator, cfg.output_dir, cfg.train, {"clip": model}, {"clip": opt},
+                                {"lr": lr_scheduler}, {"clip": ema} if ema else None)
+    checkpointer.resume(state)
+    sampler = ResumableBatchSampler([train_positions], cfg.train.batch_size, cfg.train.seed,
+                                    accelerator.process_index, accelerator.num_processes, start=state.batches)
+    batches = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers))
+    model.train()
+    held_out_metrics = None
+
+    for _ in tqdm(range(state.step, cfg.train.max_steps), initial=state.step, total=cfg.train.max_steps,
+                  desc="text encoder", disable=not accelerator.is_main_process):
+        seed_step(cfg.train.seed, state.step, accelerator.process_index)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            batch = next(batches)
+            state.batches += 1
+            state.see(batch["seed"])
+            input_ids = tokenize(tokenizer, batch["caption"]).to(device)
+            with gradient_sync(accelerator, [model], sync=micro == accum - 1), accelerator.autocast():
+                loss = contrastive_loss(model, loss_fn, batch["pixel_values"].to(device), input_ids) / accum
+                accelerator.backward(loss)
+            loss_sum += loss.detach()
+
+        norm = grad_norm_and_clip(accelerator, model.parameters(), cfg.train.max_grad_norm)
+        finite = bool(torch.isfinite(loss_sum) and torch.isfinite(norm))
+        if finite_or_skip(state, finite, cfg.train.max_nonfinite_steps):
+            opt.step()
+            lr_scheduler.step()
+            with torch.no_grad():
+                accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            if ema:
+                ema.update(model, state.step)
+        opt.zero_grad(set_to_none=True)
+        state.step += 1
+
+        if state.step % cfg.train.log_every == 0:
+            tau = accelerator.unwrap_model(model).logit_scale.exp().item()
+            log_step(accelerator, state.step, {"loss": loss_sum.item(), "grad_norm": norm.item(), "logit_scale": tau,
+                                               "lr": lr_scheduler.get_last_lr()[0]})
+        if eval_batch is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.train.max_steps):
+            held_out_metrics = log_held_out(accelerator, model, tokenizer, eval_batch, state.step)
+        if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.max_steps:
+            checkpointer.save(state)  # always at the end too: a rerun of a finished run trains nothing
+
+    final = save_final(accelerator, cfg, model, ema, clip_config, state, time.time() - start_time, held_out_metrics)
+    logger.info("done: %d steps (%d skipped), %.1f minutes; text encoder in %s", state.step, state.skipped,
+                (time.time() - start_time) / 60, final)
+    accelerator.end_training()
+    return final
+
+
+def prepare_data(cfg: TextEncoderStageConfig):
+    """The dataset, its training positions, the held-out batch (the last pairs) and the tokenizer.
+
+    Every caption is checked once against the context length: one warning if any is truncated.
+    """
+    dataset = ImageCaptionDataset(cfg.data)
+    train_positions, held_out = split_held_out(len(dataset), cfg.eval_samples)
+    tokenizer = build_clip_tokenizer(cfg.model.text_context_length)
+    captions = list(dataset.records[cfg.data.caption_column])
+    warn_if_truncated(tokenizer, [captions[i] for i in dataset.valid])
+    eval_batch = collate([dataset[i] for i in held_out]) if held_out else None
+    return dataset, train_positions, eval_batch, tokenizer
+
+
+def log_step(accelerator, step: int, logs: dict) -> None:
+    accelerator.log(logs, step=step)
+    logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+
+
+def log_held_out(accelerator, model, tokenizer, eval_batch: dict, step: int) -> dict | None:
+    """Retrieval among the held-out pairs (main process only) -> logs."""
+    if not accelerator.is_main_process:
+        return None
+    m = evaluate_clip(accelerator.unwrap_model(model), tokenizer, eval_batch["pixel_values"], eval_batch["caption"])
+    sens = m["attribute_sensitivity_projected"]
+    keys = ("text_to_image_top1", "text_to_image_top5", "image_to_text_top1")
+    logs = {f"heldout/{k}": m[k] for k in keys}
+    logs |= {f"heldout/{k}_swap_{s}_cosine": v[f"{s}_cosine"] for k, v in sens.items() if v for s in ("mean", "max")}
+    accelerator.log(logs, step=step)
+    logger.info("step %d held-out (%d pairs): %s", step, m["candidates"],
+                ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in logs.items()))
+    return m
+
+
+def save_final(accelerator, cfg: TextEncoderStageConfig, model, ema, clip_config: dict, state, seconds: float,
+               held_out: dict | None) -> Path:
+    """<output_dir>/final: text_encoder/ + tokenizer/ (layer choice applied), open_clip/, training.json."""
+    final = Path(cfg.output_dir) / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        clip = accelerator.unwrap_model(model)
+        if ema:
+            ema.copy_to(clip)
+        text_encoder, tokenizer = openclip_to_clip_text(clip, layer=cfg.model.layer)
+        extra = {"layer": cfg.model.layer, "text_context_length": cfg.model.text_context_length}
+        if held_out:
+            extra |= {f"heldout_{k}": round(held_out[k], 3) for k in ("text_to_image_top1", "text_to_image_top5")}
+        with atomic_folder(final) as tmp:
+            save_text_encoder(tmp, text_encoder, tokenizer)
+            save_open_clip(tmp / "open_clip", clip, clip_config)
+            write_summary(tmp, "text_encoder", cfg, state, accelerator, seconds, extra=extra)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+if __name__ == "__main__":
+    stage_entry("TextEncoderStageConfig", main)
