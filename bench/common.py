@@ -81,34 +81,50 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object]) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
+class Timings:
+    """Seconds per call of each candidate: wall clock and this process's CPU time (all its threads).
+
+    On a shared machine wall time also counts the time spent waiting for a core; CPU time counts
+    only the work done, so its ratios stay steady while other jobs come and go.
+    """
+
+    def __init__(self, names):
+        self.wall: dict[str, list[float]] = {n: [] for n in names}
+        self.cpu: dict[str, list[float]] = {n: [] for n in names}
+
+    def median(self, name: str, clock: str = "wall") -> float:
+        return statistics.median(getattr(self, clock)[name])
+
+    def ratio(self, a: str, b: str, clock: str = "wall") -> float:
+        """median(a) / median(b)."""
+        return self.median(a, clock) / self.median(b, clock)
+
+    def spread(self, name: str, clock: str = "wall") -> str:
+        """'median (min-max)' in milliseconds."""
+        values = getattr(self, clock)[name]
+        return f"{statistics.median(values) * 1e3:.1f} ms ({min(values) * 1e3:.0f}-{max(values) * 1e3:.0f})"
 
 
-def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each candidate; turns alternate A B / B A so neither always goes first."""
+def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Timings:
+    """Time every candidate ``repeats`` times in turns; the order flips each turn (A B, B A, ...)."""
     names = list(candidates)
     for _ in range(warmup):
         for name in names:
             candidates[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    timings = Timings(names)
     for r in range(repeats):
         for name in names if r % 2 == 0 else reversed(names):
-            times[name].append(timed(candidates[name]))
-    return times
+            sync()
+            wall, cpu = time.perf_counter(), time.process_time()
+            candidates[name]()
+            sync()
+            timings.wall[name].append(time.perf_counter() - wall)
+            timings.cpu[name].append(time.process_time() - cpu)
+    return timings
 
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
-
-
-def spread(values: list[float]) -> str:
-    """'median (min-max)' in milliseconds."""
-    return f"{median(values) * 1e3:.1f} ms ({min(values) * 1e3:.1f}-{max(values) * 1e3:.1f})"
 
 
 def print_table(header: list[str], rows: list[list]) -> None:

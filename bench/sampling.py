@@ -2,6 +2,8 @@
 
     python bench/sampling.py                          # random shapes-config pipeline, DPM-Solver++ 20 steps
     python bench/sampling.py --model demo/pipeline --scheduler ddim --steps 50
+    git show REV:pipelines/pipeline_latent_diffusion.py > /tmp/old.py
+    python bench/sampling.py --baseline /tmp/old.py        # also time an older version of our pipeline
 
 Both pipelines load the same saved folder (written to a temp dir from the shapes configs with
 random weights unless ``--model`` is given), get the same scheduler, seed, steps, guidance and
@@ -22,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import (add_common_args, apply_common_args, interleaved, median, print_table,  # noqa: E402
-                          save_pipeline_folder, shapes_components, spread)
+from bench.common import (add_common_args, apply_common_args, interleaved, print_table,  # noqa: E402
+                          save_pipeline_folder, shapes_components)
 
 PROMPTS = ["a large red circle in the center on a gray background",
            "a small blue square in the top left on a white background",
@@ -44,23 +46,37 @@ def parse_args(argv=None):
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--batches", default="1,8", help="comma-separated prompt batch sizes")
     parser.add_argument("--output-type", default="pil", choices=["pil", "np", "pt", "latent"])
+    parser.add_argument("--baseline", default=None,
+                        help="another pipeline_latent_diffusion.py (e.g. an older revision) timed as a third candidate")
     add_common_args(parser)
     parser.set_defaults(repeats=7)
     return parser.parse_args(argv)
 
 
-def load_both(folder: Path, scheduler: str):
+def load_pipelines(folder: Path, scheduler: str, baseline: str | None = None) -> dict:
+    """{"ours", "stock"[, "baseline"]}: each loaded from ``folder`` with the sampler ``scheduler``."""
     from diffusers import StableDiffusionPipeline
 
     from ldm.sampling import make_scheduler
     from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 
-    ours = LatentDiffusionPipeline.from_pretrained(folder)
-    stock = StableDiffusionPipeline.from_pretrained(folder, requires_safety_checker=False)
-    for pipe in (ours, stock):
+    pipes = {"ours": LatentDiffusionPipeline.from_pretrained(folder),
+             "stock": StableDiffusionPipeline.from_pretrained(folder, requires_safety_checker=False)}
+    if baseline:
+        pipes["baseline"] = load_pipeline_class(baseline).from_pretrained(folder)
+    for pipe in pipes.values():
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-    return ours, stock
+    return pipes
+
+
+def load_pipeline_class(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_pipeline_latent_diffusion", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LatentDiffusionPipeline
 
 
 def caller(pipe, prompts: list[str], args):
@@ -81,17 +97,16 @@ def max_difference(a, b) -> float:
     return float(abs(torch.as_tensor(a).float() - torch.as_tensor(b).float()).max())
 
 
-def measure(ours, stock, batch: int, args) -> dict:
+def measure(pipes: dict, batch: int, args) -> dict:
     prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
-    calls = {"ours": caller(ours, prompts, args), "stock": caller(stock, prompts, args)}
-    difference = max_difference(calls["ours"](), calls["stock"]())
+    calls = {name: caller(pipe, prompts, args) for name, pipe in pipes.items()}
+    reference = calls["stock"]()
+    difference = max(max_difference(call(), reference) for name, call in calls.items() if name != "stock")
     tolerance = 1 / 255 + 1e-6 if args.output_type == "pil" else 1e-4  # PIL rounds to 8 bits
     if difference > tolerance:
         raise SystemExit(f"outputs differ by {difference:.2e} at batch {batch}: the pipelines did different work")
-    times = interleaved(calls, args.repeats, warmup=1)
-    ours_s, stock_s = median(times["ours"]), median(times["stock"])
-    return {"batch": batch, "ours": times["ours"], "stock": times["stock"], "ours_s": ours_s, "stock_s": stock_s,
-            "ratio": ours_s / stock_s, "difference": difference}
+    timings = interleaved(calls, args.repeats, warmup=1)
+    return {"batch": batch, "timings": timings, "difference": difference}
 
 
 def main(argv=None) -> list[dict]:
@@ -99,15 +114,19 @@ def main(argv=None) -> list[dict]:
     apply_common_args(args)
     with tempfile.TemporaryDirectory(prefix="bench-sampling-") as tmp:
         folder = Path(args.model) if args.model else save_pipeline_folder(shapes_components(args.seed), tmp)
-        ours, stock = load_both(folder, args.scheduler)
-        results = [measure(ours, stock, int(b), args) for b in args.batches.split(",")]
+        pipes = load_pipelines(folder, args.scheduler, args.baseline)
+        results = [measure(pipes, int(b), args) for b in args.batches.split(",")]
     source = args.model or "random shapes-config pipeline"
     print(f"\nsampling {source}: {args.scheduler}, {args.steps} steps, guidance {args.guidance}, output {args.output_type}; "
           f"medians of {args.repeats} interleaved calls")
-    print_table(["batch", "ours latency", "stock latency", "ours img/s", "stock img/s", "ours / stock latency",
-                 "max |ours - stock|"],
-                [[str(r["batch"]), spread(r["ours"]), spread(r["stock"]), r["batch"] / r["ours_s"],
-                  r["batch"] / r["stock_s"], f"{r['ratio']:.3f}", f"{r['difference']:.1e}"] for r in results])
+    names = list(pipes)
+    others = [n for n in names if n != "stock"]
+    print_table(["batch"] + [f"{n} latency" for n in names] + [f"{n} img/s" for n in names]
+                + [f"{n} / stock {clock}" for clock in ("wall", "cpu") for n in others] + ["max |diff| to stock"],
+                [[str(r["batch"])] + [r["timings"].spread(n) for n in names]
+                 + [r["batch"] / r["timings"].median(n) for n in names]
+                 + [f"{r['timings'].ratio(n, 'stock', clock):.3f}" for clock in ("wall", "cpu") for n in others]
+                 + [f"{r['difference']:.1e}"] for r in results])
     return results
 
 

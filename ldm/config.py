@@ -153,6 +153,7 @@ class CLIPModelConfig:
     text_heads: int = 4
     text_layers: int = 4
     quick_gelu: bool = False
+    init_temperature: float = 0.07  # softmax temperature T of the contrastive loss at step 0 (logit scale 1/T)
     layer: Literal["last", "penultimate"] = "last"  # which hidden state the U-Net is conditioned on
 
     def __post_init__(self):
@@ -160,6 +161,7 @@ class CLIPModelConfig:
                     "text_width", "text_heads", "text_layers"):
             _check(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
         _check(self.text_context_length >= 3, "model.text_context_length", "must be >= 3")
+        _check(0.01 <= self.init_temperature <= 1, "model.init_temperature", "must be in [0.01, 1]")
         _check(self.vision_width % self.vision_heads == 0, "model.vision_width", "must be divisible by model.vision_heads")
         _check(self.text_width % self.text_heads == 0, "model.text_width", "must be divisible by model.text_heads")
         _check(self.layer == "last" or self.text_layers >= 2, "model.layer", "'penultimate' needs model.text_layers >= 2")

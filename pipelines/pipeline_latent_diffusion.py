@@ -277,8 +277,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             )
         self._warn_truncated(cut)
 
+        dtype = self.unet.dtype  # ModelMixin.dtype walks every module: read it once
+
         def expand(embeds):  # [B, L, D] -> [B · n, L, D], prompt-major
-            return embeds.to(device=device, dtype=self.unet.dtype).repeat_interleave(per_prompt, dim=0)
+            return embeds.to(device=device, dtype=dtype).repeat_interleave(per_prompt, dim=0)
 
         return expand(prompt_embeds), expand(negative_prompt_embeds) if guidance else None
 
@@ -290,9 +292,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             logger.warning(f"Truncated to the text encoder's {context}-token context: {'; '.join(lost)}.")
 
     # --- sampling ------------------------------------------------------------------------------------
-    def prepare_latents(self, shape, generator, latents, device=None):
+    def prepare_latents(self, shape, generator, latents, device=None, dtype=None):
         """z_T = σ_T · ε with ε ~ N(0, I) drawn from `generator` (or the given `latents` as ε)."""
-        device, dtype = device or self._execution_device, self.unet.dtype
+        device, dtype = device or self._execution_device, dtype or self.unet.dtype
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
@@ -351,11 +353,12 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         z = latents / config.scaling_factor
         if getattr(config, "shift_factor", None) is not None:
             z = z + config.shift_factor
-        upcast = self.vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
+        dtype = self.vae.dtype
+        upcast = dtype == torch.float16 and getattr(config, "force_upcast", False)
         if upcast:
             self.vae.to(dtype=torch.float32)
         try:
-            return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+            return self.vae.decode(z.to(torch.float32 if upcast else dtype), return_dict=False)[0]
         finally:
             if upcast:
                 self.vae.to(dtype=torch.float16)
@@ -427,7 +430,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         )
         # 2. timesteps, then z_T (a scheduler's σ_T may depend on its timesteps)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = self.prepare_latents(shape, generator, latents, device)
+        latents = self.prepare_latents(shape, generator, latents, device, cond.dtype)
         state = {"latents": latents, "prompt_embeds": cond, "negative_prompt_embeds": uncond}
         # 3. denoise z_T -> z_0
         latents = self.denoise(

@@ -573,3 +573,44 @@ def test_learned_scheduler_needs_learned_unet(tokenizer):
     pipe = make_pipe(tokenizer, scheduler=learned_ddpm())  # 4 output channels: no variance to hand over
     with pytest.raises(ValueError, match="variance_type"):
         sample(pipe, num_inference_steps=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Work per call (bench/sampling.py measures the speed; these pin the work that makes it)
+# ------------------------------------------------------------------------------------------------
+def test_each_distinct_text_encoded_once_in_one_call(pipe):
+    rows = []
+    hook = pipe.text_encoder.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    try:
+        sample(pipe, [PROMPTS[0]] * 3 + [PROMPTS[1]], seeds=(1, 2, 3, 4))  # default negative ""
+        assert rows == [3]  # PROMPTS[0], PROMPTS[1], "" in one encoder call
+        rows.clear()
+        sample(pipe, PROMPTS, seeds=(1, 2), negative_prompt=["dark", PROMPTS[0]])
+        assert rows == [3]  # a negative prompt equal to a prompt shares its row
+        rows.clear()
+        sample(pipe, PROMPTS, seeds=(1, 2), guidance_scale=1.0)
+        assert rows == [2]  # no guidance: no negative prompt encoded
+    finally:
+        hook.remove()
+
+
+def test_execution_device_read_once_per_call(pipe, monkeypatch):
+    reads = []
+    cls = type(pipe)
+    original = cls._execution_device
+    monkeypatch.setattr(cls, "_execution_device", property(lambda self: reads.append(1) or original.fget(self)))
+    sample(pipe, PROMPTS, seeds=(1, 2))
+    assert len(reads) == 1  # it walks every module of every component
+
+
+def test_no_text_embedding_reused_across_calls(tokenizer):
+    """Writes through `.data` (as peft's LoRA fusing does) bump no version counter: a cache keyed on
+    version counters and data pointers would return stale embeddings. The pipeline keeps none."""
+    pipe = make_pipe(tokenizer, seed=1)
+    before = sample(pipe, seeds=(3,))
+    weight = next(p for n, p in pipe.text_encoder.named_parameters() if n.endswith("final_layer_norm.weight"))
+    version, pointer = weight._version, weight.data_ptr()
+    weight.data.mul_(0.5)  # in place, invisible to the version counter
+    assert (weight._version, weight.data_ptr()) == (version, pointer)
+    after = sample(pipe, seeds=(3,))
+    assert max_diff(before, after) > 1e-4

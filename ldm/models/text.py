@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -159,6 +160,7 @@ def open_clip_config(model: CLIPModelConfig, image_size: int) -> dict:
     return {
         "embed_dim": model.embed_dim,
         "quick_gelu": model.quick_gelu,
+        "init_logit_scale": math.log(1 / model.init_temperature),
         "vision_cfg": {"image_size": image_size, "layers": model.vision_layers, "width": model.vision_width,
                        "head_width": model.vision_width // model.vision_heads, "patch_size": model.vision_patch_size},
         "text_cfg": {"context_length": model.text_context_length, "vocab_size": VOCAB_SIZE,
