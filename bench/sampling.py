@@ -6,8 +6,8 @@
     python bench/sampling.py --baseline /tmp/old.py        # also time an older version of our pipeline
 
 Both pipelines load the same saved folder (written to a temp dir from the shapes configs with
-random weights unless ``--model`` is given), get the same scheduler, seed, steps, guidance and
-output type, and are called in turns (ours, stock, stock, ours, ...). Reported: median latency of
+random weights unless ``--model`` is given) and share its modules in memory, get the same scheduler,
+seed, steps, guidance and output type, and are called in turns (ours, stock, stock, ours, ...). Reported: median latency of
 one prompt (batch 1) and images/s for 8 prompts (batch 8), with the ratio ours/stock. The first
 calls (warm-up) are not timed. Both outputs are compared, so a speed-up can never come from
 doing different work: the script fails if they differ by more than 1e-4.
@@ -46,24 +46,36 @@ def parse_args(argv=None):
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--batches", default="1,8", help="comma-separated prompt batch sizes")
     parser.add_argument("--output-type", default="pil", choices=["pil", "np", "pt", "latent"])
+    parser.add_argument("--channels-last", action="store_true",
+                        help="U-Net and VAE of every pipeline in channels_last memory format (a user-side option)")
     parser.add_argument("--baseline", default=None,
                         help="another pipeline_latent_diffusion.py (e.g. an older revision) timed as a third candidate")
     add_common_args(parser)
-    parser.set_defaults(repeats=7)
+    parser.set_defaults(repeats=15)
     return parser.parse_args(argv)
 
 
-def load_pipelines(folder: Path, scheduler: str, baseline: str | None = None) -> dict:
-    """{"ours", "stock"[, "baseline"]}: each loaded from ``folder`` with the sampler ``scheduler``."""
+def load_pipelines(folder: Path, scheduler: str, baseline: str | None = None, channels_last: bool = False) -> dict:
+    """{"ours", "stock"[, "baseline"]} from ``folder``, each with its own ``scheduler`` sampler.
+
+    The pipelines share the module objects (the stock and baseline pipelines get ours passed to their
+    ``from_pretrained``): the same weights at the same addresses, so the ratio measures the pipelines'
+    code, not where the allocator happened to put two copies of the U-Net (worth ~1% either way here).
+    """
     from diffusers import StableDiffusionPipeline
 
     from ldm.sampling import make_scheduler
     from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 
-    pipes = {"ours": LatentDiffusionPipeline.from_pretrained(folder),
-             "stock": StableDiffusionPipeline.from_pretrained(folder, requires_safety_checker=False)}
+    ours = LatentDiffusionPipeline.from_pretrained(folder)
+    if channels_last:
+        ours.unet.to(memory_format=torch.channels_last)
+        ours.vae.to(memory_format=torch.channels_last)
+    shared = {name: getattr(ours, name) for name in ("vae", "text_encoder", "tokenizer", "unet")}
+    pipes = {"ours": ours,
+             "stock": StableDiffusionPipeline.from_pretrained(folder, requires_safety_checker=False, **shared)}
     if baseline:
-        pipes["baseline"] = load_pipeline_class(baseline).from_pretrained(folder)
+        pipes["baseline"] = load_pipeline_class(baseline).from_pretrained(folder, **shared)
     for pipe in pipes.values():
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
@@ -114,11 +126,11 @@ def main(argv=None) -> list[dict]:
     apply_common_args(args)
     with tempfile.TemporaryDirectory(prefix="bench-sampling-") as tmp:
         folder = Path(args.model) if args.model else save_pipeline_folder(shapes_components(args.seed), tmp)
-        pipes = load_pipelines(folder, args.scheduler, args.baseline)
+        pipes = load_pipelines(folder, args.scheduler, args.baseline, args.channels_last)
         results = [measure(pipes, int(b), args) for b in args.batches.split(",")]
     source = args.model or "random shapes-config pipeline"
     print(f"\nsampling {source}: {args.scheduler}, {args.steps} steps, guidance {args.guidance}, output {args.output_type}; "
-          f"medians of {args.repeats} interleaved calls")
+          f"{', channels_last' if args.channels_last else ''}, medians of {args.repeats} interleaved calls")
     names = list(pipes)
     others = [n for n in names if n != "stock"]
     print_table(["batch"] + [f"{n} latency" for n in names] + [f"{n} img/s" for n in names]
