@@ -129,8 +129,8 @@ def main(argv=None) -> list[dict]:
         pipes = load_pipelines(folder, args.scheduler, args.baseline, args.channels_last)
         results = [measure(pipes, int(b), args) for b in args.batches.split(",")]
     source = args.model or "random shapes-config pipeline"
-    print(f"\nsampling {source}: {args.scheduler}, {args.steps} steps, guidance {args.guidance}, output {args.output_type}; "
-          f"{', channels_last' if args.channels_last else ''}, medians of {args.repeats} interleaved calls")
+    print(f"\nsampling {source}: {args.scheduler}, {args.steps} steps, guidance {args.guidance}, output {args.output_type}"
+          f"{', channels_last' if args.channels_last else ''}; medians of {args.repeats} interleaved calls")
     names = list(pipes)
     others = [n for n in names if n != "stock"]
     print_table(["batch"] + [f"{n} latency" for n in names] + [f"{n} img/s" for n in names]

@@ -28,7 +28,8 @@ PROMPTS = ["a large red circle in the center on a gray background",
            "a small orange triangle in the bottom right on a gray background"]
 FULL = {"train_images": 10000, "heldout_images": 500, "judge_prompts": 100}
 QUICK = {"train_images": 64, "heldout_images": 32, "judge_prompts": 8}  # a smoke run: numbers mean nothing
-QUICK_OVERRIDES = ["train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.image_every=2"]
+QUICK_OVERRIDES = ["train.max_steps=2", "train.batch_size=16", "train.checkpoint_every=2", "train.log_every=1",
+                   "train.image_every=2"]
 
 
 def run_demo(out: str | Path = "demo", quick: bool = False) -> dict:

@@ -94,7 +94,9 @@ def main(cfg: VAEStageConfig) -> Path:
 
 
 def build_models(cfg: VAEStageConfig):
-    """Autoencoder (+ learned logvar), discriminator, their AdamW optimizers and LR schedules."""
+    """Autoencoder (+ learned logvar), discriminator, their AdamW optimizers and LR schedules.
+
+    Each schedule steps with its own optimizer: the discriminator's warm-up starts at loss.disc_start."""
     train, loss_cfg = cfg.train, cfg.loss
     torch.manual_seed(train.seed)  # the same initial weights on every process
     model = AutoencoderWithLogvar(build_vae(cfg.model, cfg.data.resolution), loss_cfg.logvar_init)

@@ -99,10 +99,10 @@ def generator_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
 
 def adaptive_weight(grad_rec: torch.Tensor, grad_gan: torch.Tensor, disc_weight: float,
                     eps: float = 1e-4, max_weight: float = 1e4) -> torch.Tensor:
-    """λ = clamp(‖∇_{G_L} L_rec‖ / (‖∇_{G_L} L_GAN‖ + δ), 0, 10⁴) · disc_weight (Esser et al. 2021, eq. 7).
+    """λ = clamp(‖∇_{G_L} L_rec‖ / (‖∇_{G_L} L_GAN‖ + δ), 0, 10⁴) · w_disc  (Esser et al. 2021, eq. 7).
 
     grad_rec, grad_gan: gradients of the reconstruction NLL and of L_G with respect to the
-    decoder's last layer G_L. Returns a detached scalar.
+    decoder's last layer G_L; w_disc is ``loss.disc_weight``. Returns a detached scalar.
     """
     weight = torch.linalg.vector_norm(grad_rec) / (torch.linalg.vector_norm(grad_gan) + eps)
     return (weight.clamp(0.0, max_weight) * disc_weight).detach()
