@@ -61,7 +61,10 @@ def print_environment(env: dict | None = None) -> dict:
 
 
 def add_common_args(parser) -> None:
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1; 0 = torch's choice). On a 2-core machine shared with other "
+                             "jobs, 2 threads ran the training step 15x SLOWER than 1 (OpenMP threads wait on each "
+                             "other while a core is taken)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per candidate (median taken)")
     parser.add_argument("--seed", type=int, default=0)
 

@@ -81,8 +81,8 @@ def one_step(args) -> dict:
 
 def run_child(args, checkpointing: bool) -> dict:
     command = [sys.executable, __file__, "--child", "--latent-size", str(args.latent_size), "--batch-size",
-               str(args.batch_size), "--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads
-                                                                  else []) + (["--checkpointing"] if checkpointing else [])
+               str(args.batch_size), "--seed", str(args.seed), "--threads", str(args.threads)]
+    command += ["--checkpointing"] if checkpointing else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"child failed:\n{done.stderr[-2000:]}")

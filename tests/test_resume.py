@@ -77,7 +77,8 @@ def test_vae_resume_after_sigkill_with_discriminator_and_accumulation(shapes16, 
     base = [f"data.path={shapes16}", "data.resolution=16", "model.block_out_channels=[8,16]",
             "model.norm_num_groups=4", "loss.disc_start=3", "loss.disc_channels=8", "train.batch_size=4",
             "train.grad_accum_steps=2", "train.max_steps=16", "train.checkpoint_every=4", "train.log_every=1",
-            "train.image_every=1000", "calibration_samples=8", "train.lr_warmup_steps=0"]
+            "train.image_every=1000", "calibration_samples=8", "train.lr_warmup_steps=0",
+            "train.checkpoints_total_limit=null"]
     _run("vae", base + [f"output_dir={tmp_path / 'straight'}"])
     _run_and_kill_after_checkpoint("vae", base + [f"output_dir={tmp_path / 'killed'}"], tmp_path / "killed", step=8)
     _run("vae", base + [f"output_dir={tmp_path / 'killed'}"])
