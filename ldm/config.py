@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -175,10 +175,15 @@ class TextEncoderStageConfig:
     model: CLIPModelConfig = CLIPModelConfig()
     eval_samples: int = 100  # held-out image-caption pairs (the last ones) for retrieval during training
     eval_every: int = 250  # steps between held-out retrieval evaluations (and at the end)
+    # Groups of interchangeable words, e.g. [[red, blue, ...], [circle, square, ...]]: each caption also
+    # gets a hard negative, itself with one such word swapped for another of its group (NegCLIP).
+    hard_negatives: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self):
         _check(self.eval_samples >= 0, "eval_samples", "must be >= 0")
         _check(self.eval_every >= 1, "eval_every", "must be >= 1")
+        _check(all(len(group) >= 2 for group in self.hard_negatives), "hard_negatives",
+               "every group needs at least 2 words to swap between")
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
+from PIL import Image
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        UniPCMultistepScheduler)
 
@@ -52,7 +53,7 @@ def load_pipeline(model: str | Path, device: str | torch.device | None = None,
 
 
 def sample_grid(pipe, prompts: list[str], num_images: int, steps: int, guidance: float, seed: int,
-                negative_prompt: str | None = None) -> tuple[list, "Image.Image"]:
+                negative_prompt: str | None = None) -> tuple[list, Image.Image]:
     """Images for every prompt (row per prompt, ``num_images`` columns) and their grid."""
     images = []
     for i, prompt in enumerate(prompts):

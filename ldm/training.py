@@ -232,6 +232,25 @@ def finite_or_skip(state: TrainerState, finite: bool, limit: int, what: str = "l
     return False
 
 
+def apply_update(accelerator: Accelerator, state: "TrainerState", opt, scheduler, params, loss: torch.Tensor,
+                 train: TrainConfig, what: str = "") -> torch.Tensor | None:
+    """Clip, then step the optimizer and its LR schedule unless the step is non-finite.
+
+    Returns the gradient norm, or None when the update was skipped. Under fp16 a non-finite
+    gradient is the grad scaler's overflow signal: the optimizer still steps (the scaler skips
+    it and lowers its scale) and nothing is counted; a non-finite loss always counts.
+    """
+    norm = grad_norm_and_clip(accelerator, params, train.max_grad_norm)
+    overflow_ok = accelerator.mixed_precision == "fp16"
+    finite = bool(torch.isfinite(loss)) and (overflow_ok or bool(torch.isfinite(norm)))
+    applied = finite_or_skip(state, finite, train.max_nonfinite_steps, " ".join(filter(None, [what, "loss or gradient"])))
+    if applied:
+        opt.step()
+        scheduler.step()
+    opt.zero_grad(set_to_none=True)
+    return norm.detach() if applied else None
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------

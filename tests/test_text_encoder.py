@@ -315,3 +315,56 @@ def test_shapes_config_context_fits_every_shapes_caption(saved_tokenizer):
     captions = [make_scene(i, seed, 32).caption for seed in (0, 1) for i in range(1500)]
     longest = max(len(ids) for ids in saved_tokenizer(captions).input_ids)
     assert 20 <= longest <= cfg.model.text_context_length
+
+
+# --------------------------------------------------------------------------------------------
+# Hard negatives (NegCLIP)
+# --------------------------------------------------------------------------------------------
+GROUPS = (("red", "blue", "green"), ("circle", "square"))
+
+
+def test_hard_negative_captions_swap_one_word_deterministically():
+    from train.text_encoder import hard_negative_captions
+
+    captions = ["a small red circle in the top left", "a large blue square and a small green circle", "a cat"]
+    seeds = torch.tensor([11, 12, 13])
+    negatives, has = hard_negative_captions(captions, seeds, GROUPS)
+    assert has.tolist() == [True, True, False] and negatives[2] == "a cat"
+    for caption, negative in zip(captions[:2], negatives[:2]):
+        changed = [(a, b) for a, b in zip(caption.split(), negative.split()) if a != b]
+        assert len(changed) == 1 and any(set(changed[0]) <= set(group) for group in GROUPS), (caption, negative)
+    again, has_again = hard_negative_captions(captions, seeds, GROUPS)
+    assert again == negatives and torch.equal(has_again, has)  # the example's own stream
+    picks = {hard_negative_captions(captions[:1], torch.tensor([s]), GROUPS)[0][0] for s in range(40)}
+    assert picks == {"a small blue circle in the top left", "a small green circle in the top left",
+                     "a small red square in the top left"}  # every swap is reachable
+
+
+def test_hard_negative_loss_against_hand_computation():
+    from train.text_encoder import hard_negative_loss
+
+    g = torch.Generator().manual_seed(0)
+    image, text, negative = (torch.nn.functional.normalize(torch.randn(3, 5, generator=g), dim=-1) for _ in range(3))
+    tau, has = torch.tensor(7.0), torch.tensor([True, False, True])
+    expected = 0.0
+    for i in (0, 2):
+        pos, neg = tau * image[i] @ text[i], tau * image[i] @ negative[i]
+        expected += -(pos - torch.logsumexp(torch.stack([pos, neg]), 0)).item()
+    assert hard_negative_loss(image, text, negative, tau, has).item() == pytest.approx(expected / 3, rel=1e-6)
+
+
+def test_hard_negative_groups_need_two_words():
+    with pytest.raises(Exception, match="hard_negatives"):
+        load_config(TextEncoderStageConfig, CONFIG, ["hard_negatives=[[red, blue], [circle]]"])
+
+
+def test_stage0_with_hard_negatives_adds_the_term(tmp_path, monkeypatch):
+    import train.text_encoder as stage
+
+    write_shapes_dataset(tmp_path / "data", num=24, size=16, seed=0)
+    cfg = replace(tiny_stage_config(tmp_path / "data", tmp_path / "out", max_steps=2), hard_negatives=GROUPS)
+    terms = []
+    term = stage.hard_negative_loss
+    monkeypatch.setattr(stage, "hard_negative_loss", lambda *args: terms.append(term(*args)) or terms[-1])
+    stage.main(cfg)
+    assert len(terms) == 2 and all(t.item() > 0 for t in terms)

@@ -36,14 +36,15 @@ from ldm.cli import stage_entry
 from ldm.config import TextEncoderStageConfig
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
-from ldm.evaluation.retrieval import evaluate_clip
+from ldm.evaluation.retrieval import evaluate_clip, swap_attribute
 from ldm.models.text import (build_clip_tokenizer, build_open_clip, open_clip_config, openclip_to_clip_text,
                              save_open_clip, save_text_encoder, tokenize, warn_if_truncated)
-from ldm.training import (EMA, Checkpointer, finite_or_skip, gradient_sync, grad_norm_and_clip, log_batch_geometry,
+from ldm.training import (EMA, Checkpointer, ExampleRNG, apply_update, gradient_sync, log_batch_geometry,
                           make_accelerator, make_lr_scheduler, new_state, seed_step, write_summary)
 
 logger = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # τ ≤ 100, as in CLIP
+NEGATIVE_SALT = 0x4E4547  # the hard-negative choice's own random stream
 
 
 def split_held_out(total: int, held_out: int) -> tuple[list[int], list[int]]:
@@ -62,10 +63,49 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def contrastive_loss(model, loss_fn: ClipLoss, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """pixel_values [B, 3, H, W] in [-1, 1], input_ids [B, L] -> scalar CLIP loss."""
-    image_features, text_features, logit_scale = model(pixel_values, input_ids)  # [B, E], [B, E], τ
-    return loss_fn(image_features, text_features, logit_scale)
+def contrastive_loss(model, loss_fn: ClipLoss, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                     negative_ids: torch.Tensor | None = None, has_negative: torch.Tensor | None = None) -> torch.Tensor:
+    """pixel_values [B, 3, H, W] in [-1, 1], input_ids [B, L] -> scalar CLIP loss (+ the hard-negative term).
+
+    negative_ids [B, L]: each caption with one word swapped (``hard_negative_captions``), encoded in
+    the same forward pass; has_negative [B] marks the captions that had a word to swap.
+    """
+    texts = input_ids if negative_ids is None else torch.cat([input_ids, negative_ids])
+    image_features, text_features, logit_scale = model(pixel_values, texts)  # [B, E], [B or 2B, E], τ
+    batch = len(input_ids)
+    loss = loss_fn(image_features, text_features[:batch], logit_scale)
+    if negative_ids is not None:
+        loss = loss + hard_negative_loss(image_features, text_features[:batch], text_features[batch:], logit_scale,
+                                         has_negative)
+    return loss
+
+
+def hard_negative_loss(image: torch.Tensor, text: torch.Tensor, negative: torch.Tensor, logit_scale: torch.Tensor,
+                       has_negative: torch.Tensor) -> torch.Tensor:
+    """NegCLIP's extra term (Yuksekgonul et al. 2023), per image between its caption and its negative:
+
+        ℓ_i = −log( exp(τ vᵢ·tᵢ) / (exp(τ vᵢ·tᵢ) + exp(τ vᵢ·nᵢ)) ),   L = (1/B) Σ_{i with a negative} ℓ_i
+
+    Dividing by the whole local batch B (not by the count with a negative) keeps the mean over
+    processes equal to the mean over the global batch.
+    """
+    logits = logit_scale * torch.stack([(image * text).sum(-1), (image * negative).sum(-1)], dim=1)  # [B, 2]
+    per_image = torch.nn.functional.cross_entropy(logits, torch.zeros(len(image), dtype=torch.long,
+                                                                      device=image.device), reduction="none")
+    return (per_image * has_negative.to(per_image.dtype)).sum() / len(image)
+
+
+def hard_negative_captions(captions: list[str], seeds: torch.Tensor, groups) -> tuple[list[str], torch.Tensor]:
+    """Each caption with one word of ``groups`` swapped for another word of its group, chosen by the
+    example's own random stream (draw 0 of ``ExampleRNG(seeds, salt=NEGATIVE_SALT)``); captions with
+    no such word are returned unchanged and marked False."""
+    choice = ExampleRNG(seeds, salt=NEGATIVE_SALT).rand()
+    negatives, has = [], []
+    for caption, u in zip(captions, choice.tolist()):
+        swaps = [swap for group in groups for swap in swap_attribute(caption, tuple(group), first_only=False)]
+        negatives.append(swaps[int(u * len(swaps))] if swaps else caption)
+        has.append(bool(swaps))
+    return negatives, torch.tensor(has)
 
 
 def main(cfg: TextEncoderStageConfig) -> Path:
@@ -111,26 +151,27 @@ def main(cfg: TextEncoderStageConfig) -> Path:
             state.batches += 1
             state.see(batch["seed"])
             input_ids = tokenize(tokenizer, batch["caption"]).to(device)
+            negative_ids = has_negative = None
+            if cfg.hard_negatives:
+                negatives, has_negative = hard_negative_captions(batch["caption"], batch["seed"], cfg.hard_negatives)
+                negative_ids, has_negative = tokenize(tokenizer, negatives).to(device), has_negative.to(device)
             with gradient_sync(accelerator, [model], sync=micro == accum - 1), accelerator.autocast():
-                loss = contrastive_loss(model, loss_fn, batch["pixel_values"].to(device), input_ids) / accum
+                loss = contrastive_loss(model, loss_fn, batch["pixel_values"].to(device), input_ids, negative_ids,
+                                        has_negative) / accum
                 accelerator.backward(loss)
             loss_sum += loss.detach()
 
-        norm = grad_norm_and_clip(accelerator, model.parameters(), cfg.train.max_grad_norm)
-        finite = bool(torch.isfinite(loss_sum) and torch.isfinite(norm))
-        if finite_or_skip(state, finite, cfg.train.max_nonfinite_steps):
-            opt.step()
-            lr_scheduler.step()
+        norm = apply_update(accelerator, state, opt, lr_scheduler, model.parameters(), loss_sum, cfg.train)
+        if norm is not None:
             with torch.no_grad():
                 accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             if ema:
                 ema.update(model, state.step)
-        opt.zero_grad(set_to_none=True)
         state.step += 1
 
         if state.step % cfg.train.log_every == 0:
             tau = accelerator.unwrap_model(model).logit_scale.exp().item()
-            log_step(accelerator, state.step, {"loss": loss_sum.item(), "grad_norm": norm.item(), "logit_scale": tau,
+            log_step(accelerator, state.step, {"loss": loss_sum.item(), "grad_norm": float("nan") if norm is None else norm.item(), "logit_scale": tau,
                                                "lr": lr_scheduler.get_last_lr()[0]})
         if eval_batch is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.train.max_steps):
             held_out_metrics = log_held_out(accelerator, model, tokenizer, eval_batch, state.step)

@@ -34,7 +34,7 @@ from ldm.data.streaming import StreamingImageCaptions
 from ldm.losses import diffusion as D
 from ldm.models.text import encode_prompts
 from ldm.models.unet import load_components, save_pipeline, trainable_parameters, vae_scale_factor
-from ldm.training import (EMA, Checkpointer, ExampleRNG, finite_or_skip, grad_norm_and_clip, gradient_sync,
+from ldm.training import (EMA, Checkpointer, ExampleRNG, apply_update, gradient_sync,
                           log_batch_geometry, make_accelerator, make_lr_scheduler, new_state, seed_step,
                           write_summary)
 
@@ -91,19 +91,15 @@ def main(cfg: UNetStageConfig) -> Path:
                                          cfg.diffusion, scheduler.config)
                 accelerator.backward(loss / train.grad_accum_steps)
             total += loss.detach() / train.grad_accum_steps
-        norm = grad_norm_and_clip(accelerator, params, train.max_grad_norm)
-        if finite_or_skip(state, bool(torch.isfinite(total) & torch.isfinite(norm)), train.max_nonfinite_steps):
-            optimizer.step()
-            lr_scheduler.step()
-            if ema is not None:
-                ema.update(raw_unet, state.step)
-        optimizer.zero_grad(set_to_none=True)
+        norm = apply_update(accelerator, state, optimizer, lr_scheduler, params, total, train)
+        if norm is not None and ema is not None:
+            ema.update(raw_unet, state.step)
         state.step += 1
         loss_sum, loss_count = loss_sum + total, loss_count + 1
 
         if state.step % train.log_every == 0 or state.step == train.max_steps:
             accelerator.log({"loss": float(loss_sum) / loss_count, "lr": lr_scheduler.get_last_lr()[0],
-                             "grad_norm": float(norm), "skipped_steps": state.skipped}, step=state.step)
+                             "grad_norm": float("nan") if norm is None else float(norm), "skipped_steps": state.skipped}, step=state.step)
             loss_sum, loss_count = torch.zeros((), device=device), 0
         if accelerator.is_main_process and (state.step % cfg.validation.every == 0 or state.step == train.max_steps):
             validation_grid(cfg, parts, raw_unet, ema, Path(cfg.output_dir) / "samples" / f"step-{state.step}.png")

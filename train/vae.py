@@ -30,8 +30,8 @@ from ldm.losses import vae as L
 from ldm.models.discriminator import PatchDiscriminator
 from ldm.models.vae import (AutoencoderWithLogvar, build_vae, calibrate_scaling_factor, downsampling_factor,
                             save_vae)
-from ldm.training import (EMA, Checkpointer, ExampleRNG, finite_or_skip, grad_norm_and_clip, gradient_sync,
-                          log_batch_geometry, make_accelerator, make_lr_scheduler, new_state, save_grid, seed_step)
+from ldm.training import (EMA, Checkpointer, ExampleRNG, apply_update, gradient_sync, log_batch_geometry,
+                          make_accelerator, make_lr_scheduler, new_state, save_grid, seed_step)
 
 logger = logging.getLogger("train.vae")
 
@@ -190,24 +190,6 @@ def discriminator_loss(disc, x, x_hat, kind: str):
 def make_optimizer(params, lr: float, train) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=(train.adam_beta1, train.adam_beta2),
                              weight_decay=train.weight_decay)
-
-
-def apply_update(accelerator, state, opt, scheduler, params, loss, train, what: str):
-    """Clip, then step the optimizer and its LR schedule unless the step is non-finite.
-
-    Returns the gradient norm, or None when the update was skipped. Under fp16 a non-finite
-    gradient is the grad scaler's overflow signal: the optimizer still steps (the scaler skips
-    it and lowers its scale) and nothing is counted; a non-finite loss always counts.
-    """
-    norm = grad_norm_and_clip(accelerator, params, train.max_grad_norm)
-    overflow_ok = accelerator.mixed_precision == "fp16"
-    finite = bool(torch.isfinite(loss)) and (overflow_ok or bool(torch.isfinite(norm)))
-    applied = finite_or_skip(state, finite, train.max_nonfinite_steps, f"{what} loss or gradient")
-    if applied:
-        opt.step()
-        scheduler.step()
-    opt.zero_grad(set_to_none=True)
-    return norm.detach() if applied else None
 
 
 def make_perceptual(cfg: VAELossConfig, device):

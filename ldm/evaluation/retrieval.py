@@ -42,13 +42,15 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     return out
 
 
-def swap_attribute(caption: str, words: tuple[str, ...]) -> list[str]:
-    """``caption`` with its first word from ``words`` replaced by each other word of ``words``."""
-    tokens = caption.split(" ")
+def swap_attribute(caption: str, words: tuple[str, ...], first_only: bool = True) -> list[str]:
+    """``caption`` with its first (or each) word from ``words`` replaced by each other word of ``words``."""
+    tokens, swaps = caption.split(" "), []
     for i, token in enumerate(tokens):
         if token in words:
-            return [" ".join(tokens[:i] + [w] + tokens[i + 1:]) for w in words if w != token]
-    return []
+            swaps += [" ".join(tokens[:i] + [w] + tokens[i + 1:]) for w in words if w != token]
+            if first_only:
+                break
+    return swaps
 
 
 def cosine_stats(cos: torch.Tensor) -> dict:
