@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from ldm.checkpoint import atomic_folder
 from ldm.config import (DataConfig, TextEncoderStageConfig, UNetStageConfig, VAEStageConfig, load_config)
@@ -40,11 +44,12 @@ def run_demo(out: str | Path = "demo", quick: bool = False) -> dict:
     out = Path(out)
     extra = QUICK_OVERRIDES if quick else []
     train_dir, heldout = make_data(out, sizes)
-    vae = stage1.main(_config(VAEStageConfig, "vae", [f"data.path={train_dir}", f"output_dir={out / 'vae'}",
-                                                      *extra, *(["calibration_samples=16"] if quick else [])]))
-    text = stage0.main(_config(TextEncoderStageConfig, "text_encoder",
-                               [f"data.path={train_dir}", f"output_dir={out / 'text_encoder'}", *extra,
-                                *(["eval_samples=16"] if quick else [])]))
+    vae, text = run_side_by_side(
+        (stage1.main, _config(VAEStageConfig, "vae", [f"data.path={train_dir}", f"output_dir={out / 'vae'}",
+                                                     *extra, *(["calibration_samples=16"] if quick else [])])),
+        (stage0.main, _config(TextEncoderStageConfig, "text_encoder",
+                              [f"data.path={train_dir}", f"output_dir={out / 'text_encoder'}", *extra,
+                               *(["eval_samples=16"] if quick else [])])))
     final = stage2.main(_config(UNetStageConfig, "unet",
                                 [f"data.path={train_dir}", f"output_dir={out / 'unet'}", f"vae={vae}",
                                  f"text_encoder={text}", *extra, *(["validation.every=2"] if quick else [])]))
@@ -57,6 +62,36 @@ def run_demo(out: str | Path = "demo", quick: bool = False) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report(out, train_dir, heldout, vae, text, pipeline, grid, metrics)
     return metrics
+
+
+def run_side_by_side(*jobs: tuple[Callable, object]) -> list:
+    """``[fn(cfg) for fn, cfg in jobs]``, but on a CPU-only machine each job runs in its own process
+    on an equal share of the cores: stages 1 and 0 do not depend on each other, and two small models
+    on one core each train faster than one after the other on all cores. Progress bars are off in
+    the workers (their log lines still print); a failure in either job is raised here."""
+    import torch
+
+    if torch.cuda.is_available() or len(jobs) < 2:
+        return [fn(cfg) for fn, cfg in jobs]
+    threads = max(1, (os.cpu_count() or 1) // len(jobs))
+    logger.info("training %s side by side, %d thread(s) each", " and ".join(fn.__module__ for fn, _ in jobs), threads)
+    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_setup, initargs=(threads,)) as pool:
+        futures = [pool.submit(fn, cfg) for fn, cfg in jobs]
+        return [future.result() for future in futures]
+
+
+def _worker_setup(threads: int) -> None:
+    """Runs in each worker before the stage module is imported: no progress bars, ``threads`` threads."""
+    import torch
+    import tqdm.auto
+
+    class QuietBar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **(kwargs | {"disable": True}))
+
+    tqdm.auto.tqdm = QuietBar  # two bars from two processes would overwrite each other's line
+    torch.set_num_threads(threads)
 
 
 def make_data(out: Path, sizes: dict) -> tuple[Path, Path]:
