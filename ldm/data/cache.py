@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_folder
 from ldm.data.images import ImageCaptionDataset, collate, flip_decision
