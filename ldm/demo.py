@@ -20,10 +20,9 @@ from typing import Callable
 
 from ldm.checkpoint import atomic_folder
 from ldm.config import (DataConfig, TextEncoderStageConfig, UNetStageConfig, VAEStageConfig, load_config)
-from ldm.data.shapes import COLOURS, EXTRA_COLOURS, write_shapes_dataset
+from ldm.data.shapes import write_shapes_dataset
 
 logger = logging.getLogger(__name__)
-ALL_COLOURS = (*COLOURS, *EXTRA_COLOURS)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPTS = ["a large red circle in the center on a gray background",
            "a large blue square in the center on a white background",
@@ -47,9 +46,9 @@ def run_demo(out: str | Path = "demo", quick: bool = False) -> dict:
     start, sizes = time.time(), QUICK if quick else FULL
     out = Path(out)
     extra = {stage: QUICK_OVERRIDES if quick else DEMO_OVERRIDES.get(stage, []) for stage in ("vae", "text_encoder", "unet")}
-    vae_data, train_dir, heldout = make_data(out, sizes)
+    train_dir, heldout = make_data(out, sizes)
     vae, text = run_side_by_side(
-        (stage1.main, _config(VAEStageConfig, "vae", [f"data.path={vae_data}", f"output_dir={out / 'vae'}",
+        (stage1.main, _config(VAEStageConfig, "vae", [f"data.path={train_dir}", f"output_dir={out / 'vae'}",
                                                      *extra["vae"], *(["calibration_samples=16"] if quick else [])])),
         (stage0.main, _config(TextEncoderStageConfig, "text_encoder",
                               [f"data.path={train_dir}", f"output_dir={out / 'text_encoder'}", *extra["text_encoder"],
@@ -98,22 +97,14 @@ def _worker_setup(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def make_data(out: Path, sizes: dict) -> tuple[Path, Path, Path]:
-    """The built-in shapes data: stage-1 images in every colour, of which stages 0 and 2 see six.
-
-    As in the paper, the autoencoder is a general image codec trained on broader data than the
-    diffusion model: it also sees the colours (pink, cyan) no caption of the text-to-image data
-    names, so a later fine-tune can teach those words without the decoder being unable to draw them.
-    Returns (stage-1 images, training pairs (seed 0), held-out pairs (seed 1)).
-    """
-    folders = {"vae": (out / "data" / "shapes-all-colours", sizes["train_images"], 2, ALL_COLOURS),
-               "train": (out / "data" / "shapes", sizes["train_images"], 0, tuple(COLOURS)),
-               "heldout": (out / "data" / "heldout", sizes["heldout_images"], 1, tuple(COLOURS))}
-    for folder, num, seed, colours in folders.values():
+def make_data(out: Path, sizes: dict) -> tuple[Path, Path]:
+    """Training images (seed 0) and held-out images (seed 1) of the built-in shapes data."""
+    train_dir, heldout = out / "data" / "shapes", out / "data" / "heldout"
+    for folder, num, seed in ((train_dir, sizes["train_images"], 0), (heldout, sizes["heldout_images"], 1)):
         meta = folder / "metadata.jsonl"
         if not meta.exists() or sum(1 for _ in open(meta)) != num:
-            write_shapes_dataset(folder, num=num, size=32, seed=seed, colours=colours)
-    return folders["vae"][0], folders["train"][0], folders["heldout"][0]
+            write_shapes_dataset(folder, num=num, size=32, seed=seed)
+    return train_dir, heldout
 
 
 def sample_demo_grid(pipeline: Path, path: Path) -> Path:
