@@ -32,6 +32,7 @@ EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {"pink": (250, 135, 200), "cyan
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"gray": (128, 128, 128), "white": (245, 245, 245),
                                                 "black": (15, 15, 15)}
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+EXTRA_KINDS: tuple[str, ...] = ("diamond",)  # drawn on request only: a shape word the default data never uses
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 # Side of the shape as a fraction of the image side. At 32 px "small" is 11-13 px: a latent pixel of
 # an f=4 VAE covers 4x4, and shapes below ~10 px came out of a CPU-sized U-Net as blobs (judge 0.5).
@@ -172,5 +173,5 @@ def _draw(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, side: floa
     elif kind == "diamond":
         draw.polygon([(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)], fill=fill)
     else:
-        raise ValueError(f"unknown shape kind {kind!r}; choose from {KINDS + ('diamond',)}")
+        raise ValueError(f"unknown shape kind {kind!r}; choose from {KINDS + EXTRA_KINDS}")
 

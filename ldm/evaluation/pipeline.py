@@ -37,7 +37,8 @@ def judge_pipeline(pipe, num: int = 100, seed: int = 0, steps: int = 20, guidanc
                       generator=generators, output_type="np").images
         for scene, image in zip(chunk, images):
             shape = scene.shapes[0]
-            verdicts.append(judge((image * 255).round().astype(np.uint8), shape.colour, shape.kind))
+            verdicts.append(judge((image * 255).round().astype(np.uint8), shape.colour, shape.kind,
+                                  kinds=tuple(dict.fromkeys(KINDS + tuple(kinds)))))
     metrics = summarise(verdicts, [s.shapes[0].kind for s in scenes])
     return metrics | {"steps": steps, "guidance_scale": guidance, "sampler": type(pipe.scheduler).__name__}
 
