@@ -45,7 +45,8 @@ def run_demo(out: str | Path = "demo", quick: bool = False) -> dict:
 
     start, sizes = time.time(), QUICK if quick else FULL
     out = Path(out)
-    extra = {stage: QUICK_OVERRIDES if quick else DEMO_OVERRIDES.get(stage, []) for stage in ("vae", "text_encoder", "unet")}
+    extra = {stage: QUICK_OVERRIDES if quick else DEMO_OVERRIDES.get(stage, [])
+             for stage in ("vae", "text_encoder", "unet")}
     train_dir, heldout = make_data(out, sizes)
     vae, text = run_side_by_side(
         (stage1.main, _config(VAEStageConfig, "vae", [f"data.path={train_dir}", f"output_dir={out / 'vae'}",

@@ -243,7 +243,7 @@ def apply_update(accelerator: Accelerator, state: "TrainerState", opt, scheduler
     norm = grad_norm_and_clip(accelerator, params, train.max_grad_norm)
     overflow_ok = accelerator.mixed_precision == "fp16"
     finite = bool(torch.isfinite(loss)) and (overflow_ok or bool(torch.isfinite(norm)))
-    applied = finite_or_skip(state, finite, train.max_nonfinite_steps, " ".join(filter(None, [what, "loss or gradient"])))
+    applied = finite_or_skip(state, finite, train.max_nonfinite_steps, f"{what} loss or gradient".lstrip())
     if applied:
         opt.step()
         scheduler.step()

@@ -29,6 +29,7 @@ def judge_pipeline(pipe, num: int = 100, seed: int = 0, steps: int = 20, guidanc
     """Generate one image per held-out single-shape prompt and judge colour and kind."""
     size = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
     scenes = single_shape_scenes(num, HELD_OUT_SEED + seed, size, colours=colours, kinds=kinds)
+    readable = tuple(dict.fromkeys(KINDS + tuple(kinds)))  # the judge also reads any requested extra kind
     verdicts = []
     for start in range(0, num, batch_size):
         chunk = scenes[start:start + batch_size]
@@ -37,8 +38,7 @@ def judge_pipeline(pipe, num: int = 100, seed: int = 0, steps: int = 20, guidanc
                       generator=generators, output_type="np").images
         for scene, image in zip(chunk, images):
             shape = scene.shapes[0]
-            verdicts.append(judge((image * 255).round().astype(np.uint8), shape.colour, shape.kind,
-                                  kinds=tuple(dict.fromkeys(KINDS + tuple(kinds)))))
+            verdicts.append(judge((image * 255).round().astype(np.uint8), shape.colour, shape.kind, kinds=readable))
     metrics = summarise(verdicts, [s.shapes[0].kind for s in scenes])
     return metrics | {"steps": steps, "guidance_scale": guidance, "sampler": type(pipe.scheduler).__name__}
 
