@@ -60,13 +60,18 @@ def build_noise_scheduler(diffusion: DiffusionConfig, learned_variance: bool) ->
 
 
 def add_lora(model: torch.nn.Module, lora: LoRAConfig, target_modules: tuple[str, ...]) -> list:
-    """Freeze ``model`` and attach LoRA adapters (peft) to ``target_modules``; returns the adapter weights."""
-    from peft import LoraConfig
+    """Freeze ``model`` and attach LoRA adapters to ``target_modules``; returns the adapter weights.
+
+    peft's own ``inject_adapter_in_model`` is used for every model (not transformers' or diffusers'
+    ``add_adapter`` wrappers): transformers >= 5.24 refuses its wrapper with peft < 0.22, while peft's
+    API has been stable since 0.6. ``get_peft_model_state_dict`` reads the adapters back for saving.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
 
     model.requires_grad_(False)
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, init_lora_weights="gaussian",
                         target_modules=list(target_modules))
-    model.add_adapter(config)
+    inject_adapter_in_model(config, model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"LoRA target modules {list(target_modules)} matched no layer of {type(model).__name__}")
