@@ -8,43 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
+
+from ldm.entry import add_config_args, load_stage_config
 
 STAGES = {  # ldm train <name> -> (module in train/, config class in ldm.config)
     "vae": ("train.vae", "VAEStageConfig"),
     "text-encoder": ("train.text_encoder", "TextEncoderStageConfig"),
     "unet": ("train.unet", "UNetStageConfig"),
 }
-
-
-def stage_entry(config_class_name: str, main, argv: list[str] | None = None):
-    """``python -m train.<stage> --config F [--set k=v ...] [--resume R]`` (also under accelerate launch)."""
-    from ldm import config as config_module
-
-    parser = argparse.ArgumentParser(description=f"train a stage from a YAML config ({config_class_name})")
-    _add_config_args(parser)
-    args = parser.parse_args(argv)
-    cfg = _load_stage_config(getattr(config_module, config_class_name), args)
-    return main(cfg)
-
-
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML file (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
-    parser.add_argument("--resume", default=None, metavar="latest|never|PATH",
-                        help="continue from a checkpoint (default: latest one in output_dir, if any)")
-
-
-def _load_stage_config(cls, args):
-    from ldm.config import ConfigError, load_config
-
-    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    try:
-        return load_config(cls, args.config, overrides)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,7 +35,7 @@ def cmd_train(args) -> None:
     from ldm import config as config_module
 
     module_name, class_name = STAGES[args.stage]
-    cfg = _load_stage_config(getattr(config_module, class_name), args)
+    cfg = load_stage_config(getattr(config_module, class_name), args)
     importlib.import_module(module_name).main(cfg)
 
 
@@ -130,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a stage (same as accelerate launch -m train.<stage>)")
     train.add_argument("stage", choices=list(STAGES))
-    _add_config_args(train)
+    add_config_args(train)
     train.set_defaults(func=cmd_train)
 
     sample = sub.add_parser("sample", help="generate a PNG grid from a saved pipeline")

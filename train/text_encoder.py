@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_folder
-from ldm.cli import stage_entry
+from ldm.entry import stage_entry
 from ldm.config import TextEncoderStageConfig
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_folder
-from ldm.cli import stage_entry
+from ldm.entry import stage_entry
 from ldm.config import DiffusionConfig, UNetStageConfig
 from ldm.data.cache import CachedLatentDataset, build_cache, collate_cached, fingerprint, module_hash
 from ldm.data.images import ImageCaptionDataset, collate

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_folder
-from ldm.cli import stage_entry
+from ldm.entry import stage_entry
 from ldm.config import VAELossConfig, VAEStageConfig
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
