@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_folder
-from ldm.entry import stage_entry
 from ldm.config import TextEncoderStageConfig
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
+from ldm.entry import stage_entry
 from ldm.evaluation.retrieval import evaluate_clip, swap_attribute
 from ldm.models.text import (build_clip_tokenizer, build_open_clip, open_clip_config, openclip_to_clip_text,
                              save_open_clip, save_text_encoder, tokenize, warn_if_truncated)

@@ -25,12 +25,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_folder
-from ldm.entry import stage_entry
 from ldm.config import DiffusionConfig, UNetStageConfig
 from ldm.data.cache import CachedLatentDataset, build_cache, collate_cached, fingerprint, module_hash
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
 from ldm.data.streaming import StreamingImageCaptions
+from ldm.entry import stage_entry
 from ldm.losses import diffusion as D
 from ldm.models.text import encode_prompts
 from ldm.models.unet import load_components, save_pipeline, trainable_parameters, vae_scale_factor

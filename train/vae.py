@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_folder
-from ldm.entry import stage_entry
 from ldm.config import VAELossConfig, VAEStageConfig
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
+from ldm.entry import stage_entry
 from ldm.losses import vae as L
 from ldm.models.discriminator import PatchDiscriminator
 from ldm.models.vae import (AutoencoderWithLogvar, build_vae, calibrate_scaling_factor, downsampling_factor,
