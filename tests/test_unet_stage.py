@@ -167,3 +167,27 @@ def test_stage2_variants_train_and_sample(unet_overrides, extra):
     images = pipe("a large blue square", num_inference_steps=3, output_type="pt",
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_training_latents_subtract_the_vae_shift_factor(unet_overrides):
+    """z = (μ + σ·ε − shift) · s: a VAE with shift_factor c on moments μ trains like one without on μ − c."""
+    cfg = _cfg(unet_overrides)
+    parts = load_components(cfg)
+    dataset = ImageCaptionDataset(cfg.data)
+    empty = encode_prompts(parts.text_encoder, parts.tokenizer, [""])[0]
+    keys = [(i, i) for i in range(4)]
+    batch = collate([dataset[k] for k in keys])
+    mean, logvar = stage2.posterior_moments(parts.vae, batch["pixel_values"])
+    text = encode_prompts(parts.text_encoder, parts.tokenizer, batch["caption"])
+    cached = {"mean": mean, "logvar": logvar, "text": text, "seed": batch["seed"]}
+    args = (parts.text_encoder, parts.tokenizer, empty, parts.scheduler.alphas_cumprod, cfg.diffusion,
+            parts.scheduler.config)
+
+    def loss(shift, moments_offset):
+        parts.vae.register_to_config(shift_factor=shift)
+        return stage2.training_loss(parts.unet, cached | {"mean": mean - moments_offset}, parts.vae, *args)
+
+    with torch.no_grad():
+        unshifted, shifted, moved = loss(None, 0.0), loss(0.7, 0.0), loss(None, 0.7)
+    assert torch.allclose(shifted, moved, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(shifted, unshifted, rtol=1e-3)  # the shift is not ignored

@@ -160,3 +160,29 @@ def test_bf16_mixed_precision_trains(shapes, tmp_path):
     _, final = run(tmp_path / "bf16", shapes, "train.mixed_precision=bf16", "train.max_steps=2",
                    "loss.disc_start=1", "train.checkpoint_every=2", "calibration_samples=8")
     assert torch.isfinite(next(AutoencoderKL.from_pretrained(final).parameters())).all()
+
+
+def test_normalize_latents_subtracts_the_shift_and_the_pipeline_inverts_it():
+    """ẑ = (z − shift) · s for a VAE config with a shift_factor (SD3/Flux style); None or absent → no shift."""
+    from ldm.models.vae import normalize_latents
+    from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
+
+    torch.manual_seed(0)
+    blocks = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16)
+    shifted = AutoencoderKL(**blocks, scaling_factor=0.5, shift_factor=0.25).eval()
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(normalize_latents(z, shifted.config), (z - 0.25) * 0.5)
+    plain = AutoencoderKL(**blocks, scaling_factor=0.5, shift_factor=None)
+    assert torch.equal(normalize_latents(z, plain.config), z * 0.5)
+
+    class OldConfig:  # a config written before diffusers had the key
+        scaling_factor = 0.5
+    assert torch.equal(normalize_latents(z, OldConfig()), z * 0.5)
+
+    # decode_latents(ẑ) = D(ẑ / s + shift) = D(z): encode side and decode side agree
+    pipe = LatentDiffusionPipeline.__new__(LatentDiffusionPipeline)
+    object.__setattr__(pipe, "vae", shifted)  # only decode_latents is exercised
+    with torch.no_grad():
+        expected = shifted.decode(z).sample
+        assert torch.allclose(pipe.decode_latents(normalize_latents(z, shifted.config)), expected, atol=1e-5)

@@ -4,7 +4,7 @@
     accelerate launch -m train.unet --config configs/unet/shapes.yaml ...
 
 One optimizer step; every random draw is made per example (``ExampleRNG``), in this order:
-  0. z  = (μ + σ·ε_z) · s          latent from the VAE posterior moments (cached or fresh), s = scaling_factor
+  0. z  = (μ + σ·ε_z − shift) · s  latent from the VAE posterior moments (cached or fresh), s = scaling_factor
   1. t  ~ U{0, …, T−1}
   2. ε  ~ N(0, I)                   (+ offset noise: a per-channel δ ~ N(0, I), draw 3)
   4. u  ~ U[0, 1); c = c_∅ if u < p  caption dropout: the empty prompt's embedding, for CFG
@@ -34,6 +34,7 @@ from ldm.entry import stage_entry
 from ldm.losses import diffusion as D
 from ldm.models.text import encode_prompts
 from ldm.models.unet import load_components, save_pipeline, trainable_parameters, vae_scale_factor
+from ldm.models.vae import normalize_latents
 from ldm.training import (EMA, Checkpointer, ExampleRNG, apply_update, gradient_sync,
                           log_batch_geometry, make_accelerator, make_lr_scheduler, new_state, seed_step,
                           write_summary)
@@ -225,7 +226,7 @@ def training_loss(unet, batch: dict, vae, text_encoder, tokenizer, empty_text: t
         if not cached:
             text = encode_prompts(text_encoder, tokenizer, batch["caption"], warn=False)
         text = torch.where(dropped[:, None, None], empty_text.to(text.dtype), text)
-    z = (mean + (0.5 * logvar).exp() * eps_z) * vae.config.scaling_factor
+    z = normalize_latents(mean + (0.5 * logvar).exp() * eps_z, vae.config)
     a_t = alphas_cumprod[t]
     x_t = D.add_noise(z, noise, a_t)
     output = unet(x_t, t, encoder_hidden_states=text).sample

@@ -19,6 +19,7 @@ from ldm.evaluation.judge import judge, summarise
 from ldm.losses.diffusion import variational_bound_bpd
 from ldm.models.text import encode_prompts
 from ldm.models.unet import vae_scale_factor
+from ldm.models.vae import normalize_latents
 
 HELD_OUT_SEED = 10_000  # shapes seeds at or above this are never used for training data
 
@@ -49,7 +50,7 @@ def latent_bits_per_dim(pipe, data: DataConfig, num: int = 16, seed: int = 0) ->
     dataset = ImageCaptionDataset(data)
     batch = collate([dataset[(i, 0)] for i in range(min(num, len(dataset)))])
     device = pipe.unet.device
-    x0 = pipe.vae.encode(batch["pixel_values"].to(device)).latent_dist.mean * pipe.vae.config.scaling_factor
+    x0 = normalize_latents(pipe.vae.encode(batch["pixel_values"].to(device)).latent_dist.mean, pipe.vae.config)
     text = encode_prompts(pipe.text_encoder, pipe.tokenizer, batch["caption"], warn=False)
     schedule = pipe.scheduler.config
     alphas_cumprod = DDPMScheduler.from_config(schedule).alphas_cumprod.to(device)

@@ -7,7 +7,7 @@
 - The negative ELBO uses one posterior *sample* z = μ + σ·ε per image (an unbiased estimate of
   E_q[−log p(x|z)]) with the learned variance from ``training_logvar.json``, plus the KL, both per
   pixel dimension (3·H·W), in nats, for data scaled to [-1, 1].
-- ``latent_std`` is the standard deviation of scaled posterior samples, scaling_factor · z: what
+- ``latent_std`` is the standard deviation of scaled posterior samples, (z − shift) · scaling_factor: what
   the stage-2 U-Net sees (≈ 1 when the scaling factor was calibrated on similar data).
 """
 
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ldm.config import DataConfig
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.losses.vae import gaussian_kl, normalized_nll
-from ldm.models.vae import load_training_logvar
+from ldm.models.vae import load_training_logvar, normalize_latents
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,9 @@ def evaluate_vae(model_dir: str, data: DataConfig, num: int | None = None, batch
         sums["ssim"] += float(ssim((x + 1) / 2, (x_mode + 1) / 2).sum())
         sums["nll"] += float(normalized_nll(x, x_sample, logvar, kind).flatten(1).mean(1).sum())
         sums["kl"] += float((gaussian_kl(posterior.mean, posterior.logvar) / x[0].numel()).sum())
-        sums["z"] += float((scale * z).double().sum())
-        sums["z2"] += float((scale * z).double().square().sum())
+        z_unit = normalize_latents(z, vae.config).double()
+        sums["z"] += float(z_unit.sum())
+        sums["z2"] += float(z_unit.square().sum())
         count, latents = count + len(x), latents + z.numel()
     z_mean = sums["z"] / latents
     metrics = {

@@ -46,6 +46,17 @@ def downsampling_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def normalize_latents(z: torch.Tensor, vae_config) -> torch.Tensor:
+    """ẑ = (z − shift) · s   (scale: Rombach et al. 2022, §4.3.2; shift: Esser et al. 2024, as in diffusers).
+
+    z (B, C, h, w) from q(z|x) → the unit-scale latent the diffusion model sees; s = ``scaling_factor``,
+    shift = ``shift_factor`` (absent or None → 0). The one encode-side formula for training, caches and
+    evaluation; the pipeline's ``decode_latents`` inverts it, z = ẑ / s + shift.
+    """
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (z - shift) * vae_config.scaling_factor
+
+
 class AutoencoderWithLogvar(nn.Module):
     """AutoencoderKL plus the learned scalar log-variance s of p(x|z) (Rombach et al. 2022, App. G).
 
