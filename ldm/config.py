@@ -228,6 +228,10 @@ class DiffusionConfig:
         _check(not (self.zero_terminal_snr and self.prediction_type == "epsilon"), "diffusion.zero_terminal_snr",
                "needs diffusion.prediction_type v_prediction or sample: at zero terminal SNR an epsilon model "
                "cannot recover x0 at the last step (Lin et al. 2023)")
+        _check(not (self.zero_terminal_snr and self.prediction_type == "sample" and self.min_snr_gamma),
+               "diffusion.min_snr_gamma", "with diffusion.zero_terminal_snr and diffusion.prediction_type sample "
+               "weighs the terminal step min(SNR, γ) = 0, so it is never trained: use prediction_type "
+               "v_prediction (its min-SNR weight stays 1 there) or min_snr_gamma: null")
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ def test_min_snr_weight_hand_values_and_zero_snr():
     s = torch.tensor([0.0, 1.0, 5.0, 10.0, 100.0], dtype=F64)
     expected = {
         "epsilon": [1.0, 1.0, 1.0, 0.5, 0.05],  # min(s,5)/s, limit 1 at s = 0
-        "v_prediction": [0.0, 0.5, 5 / 6, 5 / 11, 5 / 101],  # min(s,5)/(s+1)
+        "v_prediction": [1.0, 1.0, 5 / 6, 5 / 11, 5 / 101],  # min(s+1,5)/(s+1): 1 (not 0) at s = 0
         "sample": [0.0, 1.0, 5.0, 5.0, 5.0],  # min(s,5)
     }
     for prediction_type, values in expected.items():
@@ -125,8 +125,38 @@ def test_min_snr_weight_gives_min_snr_times_x0_error(prediction_type):
     output = target + 0.1 * torch.randn(shape, generator=g, dtype=F64)  # an imperfect model
     x0_hat = D.predict_x0(output, x_t, a, prediction_type)
     lhs = D.simple_loss(output, target, D.min_snr_weight(D.snr(a), gamma, prediction_type))
-    rhs = D.snr(a).clamp(max=gamma) * ((x0 - x0_hat) ** 2).mean(dim=(1, 2, 3))
+    x0_weight = D.snr(a) + 1 if prediction_type == "v_prediction" else D.snr(a)  # v truncates its own SNR + 1
+    rhs = x0_weight.clamp(max=gamma) * ((x0 - x0_hat) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(lhs, rhs, rtol=1e-9, atol=0)
+
+
+def test_min_snr_v_weight_trains_the_zero_terminal_snr_step():
+    """Zero-terminal SNR + v: the paper's min(SNR,γ)/(SNR+1) is 0 at t = T−1 (and < 0.01 on 163 steps);
+    ours is 1 there, positive everywhere, and equals the paper's wherever SNR ≥ γ."""
+    sched = _scheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+    snr, gamma = D.snr(sched.alphas_cumprod.to(F64)), 5.0
+    assert snr[-1] == 0
+    paper = snr.clamp(max=gamma) / (snr + 1)
+    assert paper[-1] == 0 and int((paper < 0.01).sum()) == 163
+    w = D.min_snr_weight(snr, gamma, "v_prediction")
+    assert w[-1] == 1 and bool((w > 0).all())
+    low = snr + 1 <= gamma
+    assert low.sum() > 100 and torch.equal(w[low], torch.ones_like(w[low]))  # the plain v-loss at low SNR
+    high = snr >= gamma
+    torch.testing.assert_close(w[high], paper[high], rtol=1e-12, atol=0)
+    assert int((w < 0.01).sum()) == int((paper[high] < 0.01).sum()) == 2  # only the highest-SNR steps
+
+
+def test_config_refuses_min_snr_with_zero_terminal_snr_for_x0_prediction():
+    """x0 prediction: min(SNR, γ) is 0 at the zero-SNR step, so the config refuses that combination."""
+    from ldm.config import ConfigError, DiffusionConfig
+
+    assert D.min_snr_weight(torch.zeros(1, dtype=F64), 5.0, "sample").item() == 0
+    with pytest.raises(ConfigError, match="diffusion.min_snr_gamma.*diffusion.zero_terminal_snr"):
+        DiffusionConfig(prediction_type="sample", zero_terminal_snr=True, min_snr_gamma=5.0)
+    DiffusionConfig(prediction_type="sample", zero_terminal_snr=True, min_snr_gamma=None)
+    DiffusionConfig(prediction_type="v_prediction", zero_terminal_snr=True, min_snr_gamma=5.0)
+    DiffusionConfig(prediction_type="sample", zero_terminal_snr=False, min_snr_gamma=5.0)
 
 
 # ---------------------------------------------------------------- posterior and variances vs DDPMScheduler

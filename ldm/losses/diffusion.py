@@ -109,24 +109,29 @@ def snr(alpha_bar_t: torch.Tensor) -> torch.Tensor:
 
 
 def min_snr_weight(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """w = min(SNR,γ)/SNR (ε) | min(SNR,γ)/(SNR+1) (v) | min(SNR,γ) (x0)  (Hang et al. 2023, Min-SNR).
+    """w = min(SNR,γ)/SNR (ε) | min(SNR+1,γ)/(SNR+1) (v) | min(SNR,γ) (x0)  (Hang et al. 2023, Min-SNR-γ).
 
-    w is chosen so that w·‖target − output‖² = min(SNR, γ)·‖x0 − x̂0‖² for x̂0 = predict_x0(output):
-      ε:  x0 − x̂0 = (ε̂ − ε)/√SNR          =>  ‖ε − ε̂‖² = SNR·‖x0 − x̂0‖²
-      v:  x0 − x̂0 = √(1−ā)(v̂ − v), 1/(1−ā) = SNR + 1  =>  ‖v − v̂‖² = (SNR+1)·‖x0 − x̂0‖²
-    For ε the ratio min(SNR,γ)/SNR is 1 whenever SNR ≤ γ, so it is written γ/max(SNR, γ), which is finite
-    at SNR = 0 (limit 1, zero-terminal SNR). For v and x0 the weight at SNR = 0 is exactly 0: the terminal
-    step of a zero-SNR schedule carries no x0-space signal under this weighting. Shapes: (B,) -> (B,).
+    w·‖target − output‖² = w_x0·‖x0 − x̂0‖² for x̂0 = predict_x0(output), with
+      ε:  x0 − x̂0 = (ε̂ − ε)/√SNR          =>  ‖ε − ε̂‖² = SNR·‖x0 − x̂0‖²,      w_x0 = min(SNR, γ)
+      v:  x0 − x̂0 = √(1−ā)(v̂ − v), 1/(1−ā) = SNR + 1  =>  ‖v − v̂‖² = (SNR+1)·‖x0 − x̂0‖²,  w_x0 = min(SNR+1, γ)
+      x0: w_x0 = min(SNR, γ)
+    For ε the ratio is written γ/max(SNR, γ): finite at SNR = 0 (limit 1).
+    For v the paper's min(SNR,γ)/(SNR+1) is exactly 0 at SNR = 0, so with zero-terminal SNR the last step (the
+    one that learns the mean image from pure noise, Lin et al. 2023) would never be trained (and 163 of 1000
+    steps of a zero-SNR scaled_linear schedule would weigh < 0.01). Truncating the v-loss's own x0 weight SNR+1
+    instead (diffusers' examples since PR #5238) keeps every step trained: w = 1 wherever SNR + 1 ≤ γ (the plain
+    v-loss Lin et al. train with) and the same γ/(SNR+1) as the paper wherever SNR ≥ γ.
+    For x0 the weight at SNR = 0 is exactly 0; ``DiffusionConfig`` refuses it with zero-terminal SNR.
+    Shapes: (B,) -> (B,).
     """
     _check("prediction_type", prediction_type, PREDICTION_TYPES)
     if not gamma > 0:
         raise ValueError(f"min-SNR gamma must be > 0 (the paper uses 5); got {gamma}")
-    clipped = snr_t.clamp(max=gamma)  # min(SNR, γ)
     if prediction_type == "epsilon":
-        return gamma / snr_t.clamp(min=gamma)
+        return gamma / snr_t.clamp(min=gamma)  # min(SNR, γ) / SNR
     if prediction_type == "v_prediction":
-        return clipped / (snr_t + 1)
-    return clipped
+        return (snr_t + 1).clamp(max=gamma) / (snr_t + 1)
+    return snr_t.clamp(max=gamma)
 
 
 def simple_loss(model_output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
