@@ -152,6 +152,22 @@ def test_conversion_is_exact(name):
     assert full.config.hidden_act == ("quick_gelu" if CASES[name].get("quick_gelu") else "gelu")
 
 
+def test_projected_embeds_equal_encode_text_only_for_the_last_layer():
+    """The docstring's promise: text_embeds == encode_text with layer="last"; with "penultimate" they are
+    the projection of the final-LN'd penultimate state at the end-of-text token, not encode_text."""
+    model = randomised(custom_config(False), seed=2)
+    last, tokenizer = openclip_to_clip_text(model, projection=True)
+    penultimate, _ = openclip_to_clip_text(model, layer="penultimate", projection=True)
+    ids = tokenize(tokenizer, TRICKY[:4])
+    _, penultimate_ref, projected_ref = open_clip_reference(model, ids)
+    with torch.no_grad():
+        assert (last(ids).text_embeds - projected_ref).abs().max() <= TOL
+        pen = penultimate(ids).text_embeds
+        pooled = penultimate_ref[torch.arange(len(ids)), ids.argmax(dim=-1)]
+        assert (pen - pooled @ model.text_projection).abs().max() <= TOL
+        assert (pen - projected_ref).abs().max() > 100 * TOL
+
+
 def test_conversion_from_config_and_local_checkpoint(tmp_path):
     config = custom_config(False)
     model = randomised(config, seed=3)

@@ -208,10 +208,13 @@ def openclip_to_clip_text(model_or_name, pretrained: str | None = None, layer: L
     ``pretrained`` a tag or a local checkpoint file; a folder written by ``save_open_clip``; an
     open_clip model config dict (random init, or weights from the checkpoint ``pretrained``); or a
     built open_clip ``CLIP`` / ``CustomTextCLIP`` / ``TextTransformer``.
-    projection=True returns ``CLIPTextModelWithProjection``: its ``text_embeds`` equal open_clip's
-    ``encode_text`` (pooled at the end-of-text token, then projected) and its ``text_model`` is the
-    ``CLIPTextModel``. Pooling: open_clip takes the argmax id (= <|endoftext|>, the largest id),
-    transformers with eos_token_id=49407 its first occurrence; the same for every tokenizer output.
+    projection=True returns ``CLIPTextModelWithProjection`` whose ``text_model`` is the ``CLIPTextModel``.
+    With layer="last" its ``text_embeds`` equal open_clip's ``encode_text`` (pooled at the end-of-text
+    token, then projected). With layer="penultimate" they do not: the tower is truncated, so they are
+    the projection of the final-LayerNormed penultimate state pooled at that token, a feature open_clip
+    never computes (use layer="last" for CLIP-score features). Pooling: open_clip takes the argmax id
+    (= <|endoftext|>, the largest id), transformers with eos_token_id=49407 its first occurrence; the
+    same for every tokenizer output.
     """
     tower = _text_tower(_open_clip_model(model_or_name, pretrained))
     config = clip_text_config(tower)
