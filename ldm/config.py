@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from ldm.locations import LocationError, check_repo_id, check_revision
 
 
 class ConfigError(ValueError):
@@ -27,6 +30,47 @@ class ConfigError(ValueError):
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key} {message}")
+
+
+def _number(key: str, value: float | None, low: float = -math.inf, high: float = math.inf, *,
+            low_open: bool = False, high_open: bool = False, nullable: bool = False) -> None:
+    """``value`` is a finite number in [low, high] (ends open as asked), or None when ``nullable``."""
+    if value is None and nullable:
+        return
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    where = ("" if low == -math.inf and high == math.inf else
+             f" {'>' if low_open else '>='} {low:g}" if high == math.inf else
+             f" {'<' if high_open else '<='} {high:g}" if low == -math.inf else
+             f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+    _check(math.isfinite(value) and above and below, key,
+           f"must be a finite number{where}{' or null' if nullable else ''}, got {value!r}")
+
+
+def _at_least(key: str, value: int | None, low: int, nullable: bool = False) -> None:
+    if not (value is None and nullable):
+        _check(value >= low, key, f"must be >= {low}{' or null' if nullable else ''}, got {value!r}")
+
+
+def _divides(key: str, channels: tuple[int, ...], groups: int, groups_key: str) -> None:
+    """Every entry of ``channels`` is a multiple of ``groups`` (GroupNorm, attention heads)."""
+    _at_least(groups_key, groups, 1)
+    bad = [c for c in channels if c % groups]
+    _check(not bad, key, f"{list(bad)} not divisible by {groups_key}={groups}")
+
+
+def _check_output_dir(output_dir: str, data: "DataConfig") -> None:
+    """A stage writes checkpoints, samples and logs under output_dir: never into the training data."""
+    _check(bool(output_dir.strip()), "output_dir", "must not be empty (it would write into the current folder)")
+    out, images = Path(output_dir).expanduser().resolve(), Path(data.path).expanduser().resolve()
+    _check(not data.path or not images.is_dir() or not out.is_relative_to(images), "output_dir",
+           f"{output_dir} is inside data.path {data.path}: the next run would read its sample grids as training "
+           f"images; choose an output_dir outside the data folder")
+
+
+def _check_map_style(data: "DataConfig", stage: str) -> None:
+    _check(not data.streaming, "data.streaming", f"is supported by the U-Net stage only; {stage} reads the "
+           "whole dataset (set data.streaming=false, and data.max_samples to use fewer examples)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,9 +93,15 @@ class DataConfig:
     buckets: tuple[tuple[int, int], ...] = ()  # (height, width) aspect buckets; empty = square crops
 
     def __post_init__(self):
-        _check(self.resolution >= 8, "data.resolution", "must be >= 8")
-        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        _check(self.max_samples is None or self.max_samples > 0, "data.max_samples", "must be > 0")
+        for key in ("split", "image_column", "caption_column"):
+            _check(bool(getattr(self, key).strip()), f"data.{key}", "must not be empty")
+        _check(self.image_column != self.caption_column, "data.caption_column", "must differ from data.image_column")
+        _at_least("data.resolution", self.resolution, 8)
+        _at_least("data.num_workers", self.num_workers, 0)
+        _at_least("data.max_samples", self.max_samples, 1, nullable=True)
+        _check(all(h >= 8 and w >= 8 for h, w in self.buckets), "data.buckets", f"sides must be >= 8, got {self.buckets}")
+        _check(not (self.buckets and self.streaming), "data.buckets",
+               "needs the map-style dataset: set data.streaming=false to bucket, or data.buckets=[]")
 
 
 @dataclass(frozen=True)
@@ -82,12 +132,17 @@ class TrainConfig:
     def __post_init__(self):
         for key in ("max_steps", "batch_size", "grad_accum_steps", "checkpoint_every", "log_every",
                     "image_every", "max_nonfinite_steps"):
-            _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
-        _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
-        _check(self.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
-        _check(self.ema_decay is None or 0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1) or null")
-        _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
-               "train.checkpoints_total_limit", "must be >= 1 or null")
+            _at_least(f"train.{key}", getattr(self, key), 1)
+        _check(0 <= self.seed < 2**63, "train.seed", f"must be in [0, 2**63), got {self.seed}")
+        _number("train.learning_rate", self.learning_rate, 0, low_open=True)
+        _at_least("train.lr_warmup_steps", self.lr_warmup_steps, 0)
+        _number("train.adam_beta1", self.adam_beta1, 0, 1, high_open=True)
+        _number("train.adam_beta2", self.adam_beta2, 0, 1, high_open=True)
+        _number("train.weight_decay", self.weight_decay, 0)
+        _number("train.max_grad_norm", self.max_grad_norm, 0, low_open=True, nullable=True)
+        _number("train.ema_decay", self.ema_decay, 0, 1, low_open=True, high_open=True, nullable=True)
+        _at_least("train.checkpoints_total_limit", self.checkpoints_total_limit, 1, nullable=True)
+        _check(bool(self.resume.strip()), "train.resume", "must be latest, never or a checkpoint folder")
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,8 +160,9 @@ class VAEModelConfig:
 
     def __post_init__(self):
         _check(len(self.block_out_channels) >= 1, "model.block_out_channels", "needs at least one level")
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        _check(not bad, "model.block_out_channels", f"{bad} not divisible by model.norm_num_groups")
+        _divides("model.block_out_channels", self.block_out_channels, self.norm_num_groups, "model.norm_num_groups")
+        _at_least("model.layers_per_block", self.layers_per_block, 1)
+        _at_least("model.latent_channels", self.latent_channels, 1)
 
 
 @dataclass(frozen=True)
@@ -125,6 +181,17 @@ class VAELossConfig:
     disc_channels: int = 64
     disc_learning_rate: float | None = None  # None = train.learning_rate
 
+    def __post_init__(self):
+        for key in ("kl_weight", "perceptual_weight", "disc_weight"):
+            _number(f"loss.{key}", getattr(self, key), 0)
+        _number("loss.logvar_init", self.logvar_init, -30, 30)
+        _check(self.lpips_weights is None or bool(self.lpips_weights.strip()), "loss.lpips_weights",
+               "must be a file path or null")
+        _at_least("loss.disc_start", self.disc_start, 0)
+        _at_least("loss.disc_layers", self.disc_layers, 1)
+        _at_least("loss.disc_channels", self.disc_channels, 1)
+        _number("loss.disc_learning_rate", self.disc_learning_rate, 0, low_open=True, nullable=True)
+
 
 @dataclass(frozen=True)
 class VAEStageConfig:
@@ -134,6 +201,20 @@ class VAEStageConfig:
     model: VAEModelConfig = VAEModelConfig()
     loss: VAELossConfig = VAELossConfig()
     calibration_samples: int = 512  # images used to calibrate scaling_factor after training
+
+    def __post_init__(self):
+        _check_output_dir(self.output_dir, self.data)
+        _check_map_style(self.data, "the VAE stage")
+        _at_least("calibration_samples", self.calibration_samples, 1)
+        f = 2 ** (len(self.model.block_out_channels) - 1)  # the VAE's downsampling factor
+        sides = [self.data.resolution, *(s for bucket in self.data.buckets for s in bucket)]
+        _check(all(s % f == 0 for s in sides), "data.resolution",
+               f"(and every data.buckets side) must be a multiple of the VAE's downsampling factor {f} = "
+               f"2**(levels - 1) of model.block_out_channels, got {sides}")
+        smallest = 3 * 2 ** self.loss.disc_layers  # each discriminator layer halves; its last two convs need 3 px
+        _check(self.loss.disc_start >= self.train.max_steps or min(sides) >= smallest, "loss.disc_layers",
+               f"({self.loss.disc_layers}) needs images of at least {smallest} px, data.resolution is "
+               f"{min(sides)}: lower loss.disc_layers")
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,10 +261,18 @@ class TextEncoderStageConfig:
     hard_negatives: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self):
-        _check(self.eval_samples >= 0, "eval_samples", "must be >= 0")
-        _check(self.eval_every >= 1, "eval_every", "must be >= 1")
+        _check_output_dir(self.output_dir, self.data)
+        _check_map_style(self.data, "the text-encoder stage")
+        _check(not self.data.buckets, "data.buckets", "must be empty for the text encoder: its ViT sees one "
+               "square data.resolution")
+        _check(self.data.resolution % self.model.vision_patch_size == 0, "model.vision_patch_size",
+               f"({self.model.vision_patch_size}) must divide data.resolution ({self.data.resolution})")
+        _at_least("eval_samples", self.eval_samples, 0)
+        _at_least("eval_every", self.eval_every, 1)
         _check(all(len(group) >= 2 for group in self.hard_negatives), "hard_negatives",
                "every group needs at least 2 words to swap between")
+        _check(all(word.strip() for group in self.hard_negatives for word in group), "hard_negatives",
+               "words must not be empty")
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +293,10 @@ class UNetModelConfig:
     def __post_init__(self):
         _check(len(self.cross_attention) == len(self.block_out_channels), "model.cross_attention",
                "needs one entry per level of model.block_out_channels")
+        _check(len(self.block_out_channels) >= 1, "model.block_out_channels", "needs at least one level")
+        _divides("model.block_out_channels", self.block_out_channels, self.norm_num_groups, "model.norm_num_groups")
+        for key in ("layers_per_block", "attention_heads", "transformer_layers"):
+            _at_least(f"model.{key}", getattr(self, key), 1)
 
 
 @dataclass(frozen=True)
@@ -222,9 +315,15 @@ class DiffusionConfig:
     vlb_weight: float = 0.001  # lambda of L_hybrid when model.learned_variance
 
     def __post_init__(self):
-        _check(0 <= self.caption_dropout < 1, "diffusion.caption_dropout", "must be in [0, 1)")
-        _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, "diffusion.min_snr_gamma",
-               "must be > 0 or null")
+        _at_least("diffusion.num_train_timesteps", self.num_train_timesteps, 2)
+        _number("diffusion.beta_start", self.beta_start, 0, 1, low_open=True, high_open=True)
+        _number("diffusion.beta_end", self.beta_end, 0, 1, low_open=True, high_open=True)
+        _check(self.beta_start < self.beta_end, "diffusion.beta_end", f"must be > diffusion.beta_start "
+               f"({self.beta_end:g} <= {self.beta_start:g})")
+        _number("diffusion.caption_dropout", self.caption_dropout, 0, 1, high_open=True)
+        _number("diffusion.min_snr_gamma", self.min_snr_gamma, 0, low_open=True, nullable=True)
+        _number("diffusion.offset_noise", self.offset_noise, 0)
+        _number("diffusion.vlb_weight", self.vlb_weight, 0)
         _check(not (self.zero_terminal_snr and self.prediction_type == "epsilon"), "diffusion.zero_terminal_snr",
                "needs diffusion.prediction_type v_prediction or sample: at zero terminal SNR an epsilon model "
                "cannot recover x0 at the last step (Lin et al. 2023)")
@@ -244,6 +343,13 @@ class ValidationConfig:
     guidance_scale: float = 5.0
     seed: int = 0
 
+    def __post_init__(self):
+        _check(len(self.prompts) >= 1, "validation.prompts", "needs at least one prompt")
+        _at_least("validation.every", self.every, 1)
+        _at_least("validation.steps", self.steps, 1)
+        _number("validation.guidance_scale", self.guidance_scale, 0)
+        _check(0 <= self.seed < 2**63, "validation.seed", f"must be in [0, 2**63), got {self.seed}")
+
 
 @dataclass(frozen=True)
 class LoRAConfig:
@@ -254,11 +360,19 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     train_text_encoder: bool = False
 
+    def __post_init__(self):
+        _at_least("lora.rank", self.rank, 0)
+        _number("lora.alpha", self.alpha, 0, low_open=True, nullable=True)
+        _check(self.rank == 0 or len(self.target_modules) >= 1, "lora.target_modules", "needs at least one module")
+
 
 @dataclass(frozen=True)
 class CacheConfig:
     enabled: bool = True
     dir: str | None = None  # None = <output_dir>/cache
+
+    def __post_init__(self):
+        _check(self.dir is None or bool(self.dir.strip()), "cache.dir", "must be a folder or null")
 
 
 @dataclass(frozen=True)
@@ -266,6 +380,17 @@ class PushConfig:
     repo_id: str | None = None  # push <output_dir>/final here when training ends
     private: bool = False
     checkpoints_branch: str | None = None  # also push each checkpoint to this branch
+
+    def __post_init__(self):
+        try:
+            if self.repo_id is not None:
+                check_repo_id(self.repo_id, "push.repo_id")
+            if self.checkpoints_branch is not None:
+                check_revision(self.checkpoints_branch, "push.checkpoints_branch")
+        except LocationError as err:
+            raise ConfigError(str(err)) from None
+        _check(self.repo_id is not None or self.checkpoints_branch is None, "push.checkpoints_branch",
+               "needs push.repo_id")
 
 
 @dataclass(frozen=True)
@@ -283,26 +408,51 @@ class UNetStageConfig:
     cache: CacheConfig = CacheConfig()
     push: PushConfig = PushConfig()
 
+    def __post_init__(self):
+        _check_output_dir(self.output_dir, self.data)
+        for key in ("pretrained", "vae", "text_encoder"):
+            value = getattr(self, key)
+            _check(value is None or bool(value.strip()), key, "must be a folder, a Hub id or null")
+
 
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
     """Build ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides (YAML-parsed values)."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of keys to values, not {type(raw).__name__}")
+    raw = {} if path is None else _read_yaml(Path(path))
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        _set_dotted(raw, key.strip().split("."), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_first_line(err)}); quote it, "
+                              f"e.g. --set '{key.strip()}=\"{value}\"'") from None
+        _set_dotted(raw, key.strip().split("."), parsed)
     return from_dict(cls, raw)
+
+
+def _read_yaml(path: Path) -> dict:
+    """The mapping in a YAML config file; every failure names the file (and the line, for syntax errors)."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a .yaml file (see configs/)")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values, not {type(raw).__name__}")
+    return raw
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
@@ -373,13 +523,15 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if len(item_types) != len(value):
             raise ConfigError(f"{key} must have {len(item_types)} items, got {value!r}")
         return tuple(_coerce(t, v, f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML reads 1e-4 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if hint is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:  # YAML reads 1e-4 as a string, and 1 as an int
+            number = float(value)
+        except (ValueError, OverflowError):
+            number = None
+        if number is not None and not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     if hint is Any or (isinstance(hint, type) and isinstance(value, hint)
                        and not (hint is int and isinstance(value, bool))):
         return value

@@ -106,6 +106,9 @@ def load_components(cfg: UNetStageConfig) -> Components:
         logger.info("fine-tuning %s: its noise schedule (%s, %s) is used; diffusion.* schedule keys are ignored",
                     src, scheduler.config.beta_schedule, scheduler.config.prediction_type)
     else:
+        if cfg.lora.rank > 0:
+            raise ValueError("lora.rank > 0 trains adapters for a base model: set `pretrained` to the pipeline "
+                             "folder or Hub id to adapt (or lora.rank=0 to train a new U-Net)")
         for key in ("vae", "text_encoder"):
             if not getattr(cfg, key):
                 raise ValueError(f"set `{key}` to the folder stage {1 if key == 'vae' else 0} saved (or set "

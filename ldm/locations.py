@@ -1,0 +1,66 @@
+"""Where models and data live: a local path or a Hugging Face Hub id, checked one way for every argument.
+
+``--model``, ``data.path``, ``pretrained``, ``vae``, ``text_encoder`` and ``--repo-id`` each name either
+something on this machine or something on the Hub. An existing path is local. A missing path that can
+only be a path (absolute, ``./``, ``~``, or more than one ``/``) is an error that says it does not exist;
+anything else must be a valid Hub id (``huggingface_hub``'s own rules), or the error says it is neither.
+
+    location = local_or_hub("runs/unet/final", "--model")   # Path("runs/unet/final") or the Hub id
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# git's rules for branch names (git check-ref-format), which the Hub applies to revisions
+_BAD_REVISION = re.compile(r"^[-/.]|\.\.|//|@\{|[\x00-\x20\x7f~^:?*\[\\]|/\.|\.lock$|\.lock/|[/.]$|^@$")
+
+
+class LocationError(ValueError):
+    """A path or Hub id argument is wrong; the message names the argument and what to do."""
+
+
+def check_repo_id(value: str, key: str) -> str:
+    """``value`` if it is a valid Hub repo id (``name`` or ``owner/name``), else a ``LocationError``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as err:
+        raise LocationError(f"{key} {value!r} is not a valid Hub repo id: {err}") from None
+    return value
+
+
+def check_revision(value: str, key: str) -> str:
+    """``value`` if it is a valid branch name for the Hub (git ref rules), else a ``LocationError``."""
+    if not value or len(value) > 255 or _BAD_REVISION.search(value):
+        raise LocationError(f"{key} {value!r} is not a valid branch name: use letters, digits, '-', '_', '.' "
+                            f"and '/' (no spaces, '..', '~', '^', ':', '?', '*', '[', '\\', no leading '-' or '.')")
+    return value
+
+
+def must_be_local(value: str) -> bool:
+    """True when ``value`` cannot be a Hub id: absolute, ``.``/``~`` relative, or more than one ``/``."""
+    return value.startswith(("/", ".", "~", "\\")) or value.count("/") > 1 or "\\" in value or ":" in value
+
+
+def local_or_hub(value: str, key: str, what: str = "folder") -> Path | str:
+    """An existing local ``Path``, or ``value`` as a valid Hub id; otherwise an error naming ``key``."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return path
+    if must_be_local(value):
+        raise FileNotFoundError(f"{key} {value}: no such {what} (looked in {path.absolute().parent})")
+    try:
+        return check_repo_id(value, key)
+    except LocationError:
+        raise LocationError(f"{key} {value!r} is neither an existing {what} (looked in {Path.cwd()}) nor a valid "
+                            f"Hub id (owner/name)") from None
+
+
+def not_found_here_or_on_hub(value: str, key: str, err: BaseException, what: str = "folder") -> LocationError:
+    """The error for a Hub-id-shaped ``value`` that is no local path and could not be loaded from the Hub."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return LocationError(f"{key} {value!r} is not a {what} here (looked in {Path.cwd()}), and loading it as a "
+                         f"Hub id failed: {reason[:300]}")
