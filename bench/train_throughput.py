@@ -46,7 +46,8 @@ class OursStep:
         from ldm.data.images import ImageCaptionDataset
         from ldm.data.sampler import ResumableBatchSampler
         from ldm.models.text import encode_prompts
-        from ldm.training import EMA, TrainerState, make_lr_scheduler
+        from ldm.ema import EMA
+        from ldm.training import TrainerState, make_lr_scheduler
         from train.unet import posterior_moments
 
         self.parts, self.unet, self.cfg, train = parts, unet, cfg, cfg.train

@@ -1,4 +1,4 @@
-"""The ``ldm`` command: data | train | sample | eval | push | demo. Parses arguments and calls.
+"""The ``ldm`` command: data | train | sample | eval | push | demo | ema. Parses arguments and calls.
 
 Heavy imports happen inside the commands, so ``ldm --help`` is instant.
 """
@@ -85,6 +85,22 @@ def cmd_demo(args) -> None:
     run_demo(args.out, quick=args.quick)
 
 
+def cmd_ema(args) -> None:
+    from ldm.ema import sweep_sigma_rel, write_posthoc_pipeline
+
+    if args.sigma_rel is None and not args.sweep:
+        raise SystemExit("error: ldm ema needs --sigma-rel X (write that pipeline) or --sweep X Y ... (compare them)")
+    if args.sweep:
+        rows = sweep_sigma_rel(args.model, args.sweep, data=args.data, num=args.num)
+        print("sigma_rel  val_loss  profile_fit_error")
+        for row in rows:
+            label = "final" if row["sigma_rel"] is None else f"{row['sigma_rel']:.4f}"
+            fit = "" if row["profile_fit_error"] is None else f"{row['profile_fit_error']:.1e}"
+            print(f"{label:>9}  {row['val_loss']:.6f}  {fit}")
+    if args.sigma_rel is not None:
+        print(write_posthoc_pipeline(args.model, args.sigma_rel, args.out))
+
+
 # --------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------
@@ -148,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true",
                       help="a 2-minute smoke run of the same chain (tiny data, 2 steps per stage)")
     demo.set_defaults(func=cmd_demo)
+
+    ema = sub.add_parser("ema", help="post-hoc EMA: rebuild any EMA length from a stage-2 run's snapshots")
+    ema.add_argument("--model", required=True, help="the stage-2 output_dir (with final/ and ema-snapshots/)")
+    ema.add_argument("--sigma-rel", type=float, default=None,
+                     help="EMA length relative to training time (EDM2 σ_rel, e.g. 0.05-0.15): write that pipeline")
+    ema.add_argument("--out", default=None, help="pipeline folder to write (default: <model>/posthoc-ema-<σ_rel>)")
+    ema.add_argument("--sweep", type=float, nargs="+", default=None, metavar="SIGMA_REL",
+                     help="print the held-out validation loss of each σ_rel (and of final/) to choose one")
+    ema.add_argument("--data", default=None, help="held-out data for --sweep (default: the run's validation.data)")
+    ema.add_argument("--num", type=int, default=None, help="held-out examples for --sweep (default: as trained)")
+    ema.set_defaults(func=cmd_ema)
     return parser
 
 

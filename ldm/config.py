@@ -335,13 +335,17 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """Fixed prompts and seeds rendered by the shipping pipeline every ``every`` steps."""
+    """Every ``every`` steps: fixed prompts and seeds rendered by the shipping pipeline, and (with ``data``)
+    the held-out validation loss on fixed latents, timesteps and noise (``ldm.evaluation.heldout``)."""
 
     prompts: tuple[str, ...] = ("a large red circle in the center on a gray background",)
     every: int = 500
     steps: int = 20
     guidance_scale: float = 5.0
-    seed: int = 0
+    seed: int = 0  # also seeds the validation loss's fixed noise
+    data: str | None = None  # held-out imagefolder or dataset name for the validation loss; None = no loss
+    loss_samples: int = 64  # its first N examples, encoded once at the start
+    loss_timesteps: int = 8  # K timesteps spread evenly over [0, T) at which each example is noised
 
     def __post_init__(self):
         _check(len(self.prompts) >= 1, "validation.prompts", "needs at least one prompt")
@@ -349,6 +353,23 @@ class ValidationConfig:
         _at_least("validation.steps", self.steps, 1)
         _number("validation.guidance_scale", self.guidance_scale, 0)
         _check(0 <= self.seed < 2**63, "validation.seed", f"must be in [0, 2**63), got {self.seed}")
+        _at_least("validation.loss_samples", self.loss_samples, 1)
+        _at_least("validation.loss_timesteps", self.loss_timesteps, 1)
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """Power-function EMAs tracked for post-hoc EMA (Karras et al. 2024, EDM2 §3): ``ldm ema`` rebuilds any σ_rel."""
+
+    posthoc_sigma_rels: tuple[float, ...] = ()  # σ_rel of the tracked averages, e.g. [0.05, 0.10]; empty = off
+    snapshot_every: int = 100  # steps between snapshots in <output_dir>/ema-snapshots (and at the last step)
+
+    def __post_init__(self):
+        for i, sigma_rel in enumerate(self.posthoc_sigma_rels):  # above 0.2886 is wider than a uniform average
+            _number(f"ema.posthoc_sigma_rels[{i}]", sigma_rel, 0, 0.2886, low_open=True, high_open=True)
+        _check(len(set(self.posthoc_sigma_rels)) == len(self.posthoc_sigma_rels), "ema.posthoc_sigma_rels",
+               f"values must be distinct, got {list(self.posthoc_sigma_rels)}")
+        _at_least("ema.snapshot_every", self.snapshot_every, 1)
 
 
 @dataclass(frozen=True)
@@ -404,6 +425,7 @@ class UNetStageConfig:
     model: UNetModelConfig = UNetModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     validation: ValidationConfig = ValidationConfig()
+    ema: EMAConfig = EMAConfig()
     lora: LoRAConfig = LoRAConfig()
     cache: CacheConfig = CacheConfig()
     push: PushConfig = PushConfig()

@@ -1,8 +1,8 @@
 """Accelerate plumbing shared by every training stage.
 
 The stage scripts in ``train/`` keep the training step visible; everything they share lives
-here: the Accelerator, per-example random streams, EMA, the non-finite guard, the LR schedule,
-exact checkpoints (see ``ldm.checkpoint``) and image grids.
+here: the Accelerator, per-example random streams, the non-finite guard, the LR schedule, exact
+checkpoints (see ``ldm.checkpoint``; they also hold the EMAs of ``ldm.ema``) and image grids.
 """
 
 from __future__ import annotations
@@ -119,56 +119,6 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# EMA
-# --------------------------------------------------------------------------------------------
-class EMA:
-    """θ_ema ← β_t θ_ema + (1 − β_t) θ, with β_t = min(β, (1 + t) / (10 + t)) (warm-up as in diffusers)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.shadow = [p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad]
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        beta = min(self.decay, (1 + step) / (10 + step))
-        params = [p.detach().float() for p in model.parameters() if p.requires_grad]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - beta)
-
-    @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for name, value in zip(self.names, self.shadow):
-            params[name].copy_(value)
-
-    @contextlib.contextmanager
-    def applied_to(self, model: torch.nn.Module):
-        """Inside: ``model`` holds the EMA weights; its own weights are restored on exit."""
-        params = dict(model.named_parameters())
-        backup = [params[n].detach().clone() for n in self.names]
-        self.copy_to(model)
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for name, value in zip(self.names, backup):
-                    params[name].copy_(value)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.shadow))
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.names) - set(state)
-        if missing:
-            raise KeyError(f"EMA state lacks {sorted(missing)[:3]}...")
-        self.shadow = [state[n].float().clone() for n in self.names]
-
-    def to(self, device) -> "EMA":
-        self.shadow = [s.to(device) for s in self.shadow]
-        return self
-
-
-# --------------------------------------------------------------------------------------------
 # Optimisation helpers
 # --------------------------------------------------------------------------------------------
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig):
@@ -268,8 +218,9 @@ class Checkpointer:
         self.models, self.optimizers, self.schedulers, self.emas = models, optimizers, schedulers, emas or {}
         self.sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         if self.sharded and self.emas and accelerator.distributed_type == DistributedType.FSDP:
-            raise ValueError("train.ema_decay with FSDP: the EMA would average parameter shards; use DDP or "
-                             "DeepSpeed ZeRO-2 (configs/accelerate/), or set train.ema_decay=null")
+            raise ValueError("train.ema_decay or ema.posthoc_sigma_rels with FSDP: the EMA would average "
+                             "parameter shards; use DDP or DeepSpeed ZeRO-2 (configs/accelerate/), or set "
+                             "train.ema_decay=null and ema.posthoc_sigma_rels=[]")
 
     def save(self, state: TrainerState) -> Path:
         acc = self.accelerator
@@ -323,7 +274,11 @@ class Checkpointer:
             for name, opt in self.optimizers.items():
                 ckpt.load_optimizer(folder, name, opt.optimizer if hasattr(opt, "optimizer") else opt)
         for name, ema in self.emas.items():
-            ema.load_state_dict(ckpt.load_state_dict(folder / f"ema-{name}.safetensors"))
+            path = folder / f"ema-{name}.safetensors"
+            if not path.exists():
+                raise FileNotFoundError(f"cannot resume {folder}: it has no {path.name} (that EMA was off when it "
+                                        f"was saved); keep the EMA settings of that run, or start a new output_dir")
+            ema.load_state_dict(ckpt.load_state_dict(path))
         scalars = ckpt.load_json(folder / "schedulers.json")
         for name, sched in self.schedulers.items():
             sched.load_state_dict(scalars[name])

@@ -35,11 +35,12 @@ from ldm.checkpoint import atomic_folder
 from ldm.config import TextEncoderStageConfig
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
+from ldm.ema import EMA
 from ldm.entry import stage_entry
 from ldm.evaluation.retrieval import evaluate_clip, swap_attribute
 from ldm.models.text import (build_clip_tokenizer, build_open_clip, open_clip_config, openclip_to_clip_text,
                              save_open_clip, save_text_encoder, tokenize, warn_if_truncated)
-from ldm.training import (EMA, Checkpointer, ExampleRNG, apply_update, gradient_sync, log_batch_geometry,
+from ldm.training import (Checkpointer, ExampleRNG, apply_update, gradient_sync, log_batch_geometry,
                           make_accelerator, make_lr_scheduler, new_state, seed_step, write_summary)
 
 logger = logging.getLogger(__name__)

@@ -30,12 +30,14 @@ from ldm.data.cache import CachedLatentDataset, build_cache, collate_cached, fin
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
 from ldm.data.streaming import StreamingImageCaptions
+from ldm.ema import EMA, SNAPSHOTS, PowerEMA
 from ldm.entry import stage_entry
+from ldm.evaluation.heldout import encode_heldout, heldout_data_config, heldout_loss
 from ldm.losses import diffusion as D
 from ldm.models.text import encode_prompts
 from ldm.models.unet import load_components, save_pipeline, trainable_parameters, vae_scale_factor
 from ldm.models.vae import normalize_latents
-from ldm.training import (EMA, Checkpointer, ExampleRNG, apply_update, gradient_sync,
+from ldm.training import (Checkpointer, ExampleRNG, apply_update, gradient_sync,
                           log_batch_geometry, make_accelerator, make_lr_scheduler, new_state, seed_step,
                           write_summary)
 
@@ -68,10 +70,15 @@ def main(cfg: UNetStageConfig) -> Path:
     text_encoder = models.get("text_encoder", text_encoder)
     raw_unet = accelerator.unwrap_model(unet)
     ema = EMA(raw_unet, train.ema_decay).to(device) if train.ema_decay else None
+    phema = power_ema(cfg, raw_unet, device)  # None unless ema.posthoc_sigma_rels
     state = new_state(accelerator, train)
+    emas = {name: e for name, e in (("unet", ema), ("unet-phema", phema)) if e is not None}
     checkpointer = Checkpointer(accelerator, cfg.output_dir, train, models, {"unet": optimizer},
-                                {"unet": lr_scheduler}, {"unet": ema} if ema else {})
+                                {"unet": lr_scheduler}, emas)
     checkpointer.resume(state)
+    if phema is not None and accelerator.is_main_process:
+        phema.drop_snapshots_after(state.step)
+    heldout = heldout_set(cfg, parts, text_encoder) if cfg.validation.data and accelerator.is_main_process else None
     batches, source = training_batches(accelerator, cfg, state.batches, parts)
     logger.info("U-Net %.2fM parameters, %.2fM trained; data: %s", _millions(raw_unet.parameters()),
                 _millions(params), source)
@@ -95,6 +102,8 @@ def main(cfg: UNetStageConfig) -> Path:
         norm = apply_update(accelerator, state, optimizer, lr_scheduler, params, total, train)
         if norm is not None and ema is not None:
             ema.update(raw_unet, state.step)
+        if phema is not None:  # every step, skipped ones too (θ unchanged): t counts time as its profile does
+            phema.update(raw_unet, state.step + 1)
         state.step += 1
         loss_sum, loss_count = loss_sum + total, loss_count + 1
 
@@ -104,6 +113,11 @@ def main(cfg: UNetStageConfig) -> Path:
             loss_sum, loss_count = torch.zeros((), device=device), 0
         if accelerator.is_main_process and (state.step % cfg.validation.every == 0 or state.step == train.max_steps):
             validation_grid(cfg, parts, raw_unet, ema, Path(cfg.output_dir) / "samples" / f"step-{state.step}.png")
+            if heldout is not None:
+                validation_loss(cfg, heldout(), raw_unet, ema, alphas_cumprod, scheduler.config, state, accelerator)
+        if phema is not None and accelerator.is_main_process and (state.step % cfg.ema.snapshot_every == 0
+                                                                   or state.step == train.max_steps):
+            phema.save_snapshots(state.step)  # before the checkpoint: a resume never skips one
         if state.step % train.checkpoint_every == 0 or state.step == train.max_steps:
             checkpointer.save(state)
             if cfg.push.repo_id and cfg.push.checkpoints_branch and accelerator.is_main_process:
@@ -130,7 +144,8 @@ def save_result(folder: Path, cfg: UNetStageConfig, parts, unet, ema, state, acc
     write_summary(folder, "unet", cfg, state, accelerator, seconds,
                   previous=[p for p in (cfg.pretrained or cfg.vae, cfg.pretrained or cfg.text_encoder) if p],
                   base_model=cfg.pretrained,
-                  extra={"prediction_type": parts.scheduler.config.prediction_type, "lora_rank": cfg.lora.rank or None})
+                  extra={"prediction_type": parts.scheduler.config.prediction_type, "lora_rank": cfg.lora.rank or None,
+                         "val_loss": state.extra.get("val_loss", [])})
 
 
 def publish(cfg: UNetStageConfig, parts, unet, ema, state, accelerator, seconds: float) -> None:
@@ -142,6 +157,48 @@ def publish(cfg: UNetStageConfig, parts, unet, ema, state, accelerator, seconds:
         save_result(tmp, cfg, parts, unet, ema, state, accelerator, seconds)
     push(snapshot, cfg.push.repo_id, private=cfg.push.private, revision=cfg.push.checkpoints_branch,
          commit_message=f"checkpoint at step {state.step}")
+
+
+def power_ema(cfg: UNetStageConfig, unet, device) -> PowerEMA | None:
+    """The power-function EMAs whose snapshots ``ldm ema`` turns into any σ_rel (None when off)."""
+    if not cfg.ema.posthoc_sigma_rels:
+        return None
+    if cfg.lora.rank:
+        raise ValueError("ema.posthoc_sigma_rels averages the full U-Net; with lora.rank > 0 set it to []")
+    return PowerEMA(unet, cfg.ema.posthoc_sigma_rels, Path(cfg.output_dir) / SNAPSHOTS).to(device)
+
+
+def heldout_set(cfg: UNetStageConfig, parts, text_encoder):
+    """A function returning the held-out (latents, text states): encoded once, or at every call when the text
+    encoder is trained (its states change)."""
+    v = cfg.validation
+    data = heldout_data_config(cfg.data, v.data, v.loss_samples)
+
+    def encode():
+        return encode_heldout(data, parts.vae, text_encoder, parts.tokenizer)
+
+    if cfg.lora.train_text_encoder:
+        return encode
+    fixed = encode()
+    logger.info("validation loss on %d held-out examples of %s x %d timesteps", len(fixed[0]), v.data, v.loss_timesteps)
+    return lambda: fixed
+
+
+def validation_loss(cfg: UNetStageConfig, heldout, unet, ema, alphas_cumprod, schedule, state, accelerator) -> None:
+    """Held-out loss of the shipped weights (EMA when on) and of the raw ones: logged, and kept in ``state``."""
+    v = cfg.validation
+
+    def loss() -> float:
+        return heldout_loss(unet, *heldout, alphas_cumprod, schedule.prediction_type, v.loss_timesteps, v.seed)
+
+    row = {"step": state.step, "val_loss": loss()}
+    if ema is not None:
+        row["val_loss_raw"] = row["val_loss"]
+        with ema.applied_to(unet):
+            row["val_loss"] = loss()
+    state.extra.setdefault("val_loss", []).append(row)  # in trainer.json: the history survives a resume
+    accelerator.log({k: x for k, x in row.items() if k != "step"}, step=state.step)
+    logger.info("step %d: validation loss %.5f", state.step, row["val_loss"])
 
 
 def training_batches(accelerator, cfg: UNetStageConfig, start: int, parts):

@@ -25,12 +25,13 @@ from ldm.checkpoint import atomic_folder
 from ldm.config import VAELossConfig, VAEStageConfig
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
+from ldm.ema import EMA
 from ldm.entry import stage_entry
 from ldm.losses import vae as L
 from ldm.models.discriminator import PatchDiscriminator
 from ldm.models.vae import (AutoencoderWithLogvar, build_vae, calibrate_scaling_factor, downsampling_factor,
                             save_vae)
-from ldm.training import (EMA, Checkpointer, ExampleRNG, apply_update, gradient_sync, log_batch_geometry,
+from ldm.training import (Checkpointer, ExampleRNG, apply_update, gradient_sync, log_batch_geometry,
                           make_accelerator, make_lr_scheduler, new_state, save_grid, seed_step)
 
 logger = logging.getLogger("train.vae")
