@@ -63,7 +63,8 @@ class ReferenceStep:
 
     def __init__(self, parts, unet, data_dir, resolution: int, batch_size: int, learning_rate: float,
                  snr_gamma: float | None, max_grad_norm: float, ema_decay: float | None, random_flip: bool,
-                 seed: int, autocast: bool = False):
+                 seed: int, autocast: bool = False, lr_schedule: str = "constant", lr_warmup_steps: int = 0,
+                 max_steps: int = 1):
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
@@ -72,7 +73,9 @@ class ReferenceStep:
         self.batches = endless(example_dataloader(data_dir, parts.tokenizer, resolution, batch_size, random_flip,
                                                   seed))
         self.optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate)
-        self.lr_scheduler = get_scheduler("constant", self.optimizer)
+        self.lr_scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(lr_schedule, lr_schedule),
+                                          self.optimizer, num_warmup_steps=lr_warmup_steps,
+                                          num_training_steps=max_steps)  # --lr_scheduler, --lr_warmup_steps
         self.ema = (EMAModel(unet.parameters(), decay=ema_decay, model_cls=type(unet), model_config=unet.config)
                     if ema_decay else None)
         self.weight_dtype = torch.bfloat16 if autocast else torch.float32

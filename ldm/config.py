@@ -20,10 +20,11 @@ from typing import Any, Literal
 
 import yaml
 
+from ldm.errors import UserError
 from ldm.locations import LocationError, check_repo_id, check_revision
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override is invalid; the message says what to fix."""
 
 
@@ -99,7 +100,8 @@ class DataConfig:
         _at_least("data.resolution", self.resolution, 8)
         _at_least("data.num_workers", self.num_workers, 0)
         _at_least("data.max_samples", self.max_samples, 1, nullable=True)
-        _check(all(h >= 8 and w >= 8 for h, w in self.buckets), "data.buckets", f"sides must be >= 8, got {self.buckets}")
+        _check(all(h >= 8 and w >= 8 for h, w in self.buckets), "data.buckets",
+               f"sides must be >= 8, got {self.buckets}")
         _check(not (self.buckets and self.streaming), "data.buckets",
                "needs the map-style dataset: set data.streaming=false to bucket, or data.buckets=[]")
 
@@ -309,7 +311,13 @@ class DiffusionConfig:
     beta_end: float = 0.012
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     zero_terminal_snr: bool = False
-    min_snr_gamma: float | None = 5.0  # None disables Min-SNR weighting
+    min_snr_gamma: float | None = 5.0  # γ of loss_weighting min_snr; None disables the weighting
+    loss_weighting: Literal["min_snr", "debiased"] = "min_snr"  # debiased: 1/√SNR (Yu et al. 2024)
+    # How training draws t: uniform over {0..T-1}; logit_normal, t/T = sigmoid(N(loc, scale²)) (SD3);
+    # laplace, log SNR(t) ~ Laplace(loc, scale) (Hang et al. 2024). See ldm.losses.diffusion.sample_timesteps.
+    timestep_sampling: Literal["uniform", "logit_normal", "laplace"] = "uniform"
+    timestep_loc: float = 0.0
+    timestep_scale: float = 1.0
     offset_noise: float = 0.0
     caption_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
     vlb_weight: float = 0.001  # lambda of L_hybrid when model.learned_variance
@@ -323,6 +331,8 @@ class DiffusionConfig:
         _number("diffusion.caption_dropout", self.caption_dropout, 0, 1, high_open=True)
         _number("diffusion.min_snr_gamma", self.min_snr_gamma, 0, low_open=True, nullable=True)
         _number("diffusion.offset_noise", self.offset_noise, 0)
+        _number("diffusion.timestep_loc", self.timestep_loc, -20, 20)
+        _number("diffusion.timestep_scale", self.timestep_scale, 0, 20, low_open=True)
         _number("diffusion.vlb_weight", self.vlb_weight, 0)
         _check(not (self.zero_terminal_snr and self.prediction_type == "epsilon"), "diffusion.zero_terminal_snr",
                "needs diffusion.prediction_type v_prediction or sample: at zero terminal SNR an epsilon model "

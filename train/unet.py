@@ -5,7 +5,7 @@
 
 One optimizer step; every random draw is made per example (``ExampleRNG``), in this order:
   0. z  = (μ + σ·ε_z − shift) · s  latent from the VAE posterior moments (cached or fresh), s = scaling_factor
-  1. t  ~ U{0, …, T−1}
+  1. t  ~ U{0, …, T−1}, or by diffusion.timestep_sampling (logit-normal, Laplace on log SNR)
   2. ε  ~ N(0, I)                   (+ offset noise: a per-channel δ ~ N(0, I), draw 3)
   4. u  ~ U[0, 1); c = c_∅ if u < p  caption dropout: the empty prompt's embedding, for CFG
   x_t = √ā_t z + √(1−ā_t) ε;  L = w(SNR_t) · ‖f_θ(x_t, t, c) − target‖²   (+ λ L_vlb with learned variance)
@@ -266,7 +266,8 @@ def training_loss(unet, batch: dict, vae, text_encoder, tokenizer, empty_text: t
                                                     *(s // f for s in batch["pixel_values"].shape[2:]))
     rng = ExampleRNG(batch["seed"])
     eps_z = rng.randn(shape, device)  # 0.
-    t = rng.randint(len(alphas_cumprod), device)  # 1.
+    t = (rng.randint(len(alphas_cumprod), device) if d.timestep_sampling == "uniform" else  # 1.
+         D.sample_timesteps(rng.rand(device), alphas_cumprod, d.timestep_sampling, d.timestep_loc, d.timestep_scale))
     noise = rng.randn(shape, device)  # 2.
     if d.offset_noise:
         noise = D.offset_noise(noise, rng.randn((shape[0], 1, 1), device), d.offset_noise)  # 3.
@@ -287,10 +288,17 @@ def training_loss(unet, batch: dict, vae, text_encoder, tokenizer, empty_text: t
     a_t = alphas_cumprod[t]
     x_t = D.add_noise(z, noise, a_t)
     output = unet(x_t, t, encoder_hidden_states=text).sample
-    weight = D.min_snr_weight(D.snr(a_t), d.min_snr_gamma, prediction_type) if d.min_snr_gamma else None
+    weight = loss_weight(D.snr(a_t), d, prediction_type)
     if schedule.variance_type == "learned_range":
         return D.hybrid_loss(output, z, noise, t, alphas_cumprod, prediction_type, d.vlb_weight, weight).mean()
     return D.simple_loss(output, D.diffusion_target(z, noise, a_t, prediction_type), weight).mean()
+
+
+def loss_weight(snr_t: torch.Tensor, d: DiffusionConfig, prediction_type: str) -> torch.Tensor | None:
+    """w(t) of diffusion.loss_weighting: min-SNR-γ (none when γ is null) or debiased 1/√SNR."""
+    if d.loss_weighting == "debiased":
+        return D.debiased_weight(snr_t, prediction_type)
+    return D.min_snr_weight(snr_t, d.min_snr_gamma, prediction_type) if d.min_snr_gamma else None
 
 
 @torch.no_grad()

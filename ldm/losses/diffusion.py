@@ -134,6 +134,55 @@ def min_snr_weight(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> t
     return snr_t.clamp(max=gamma)
 
 
+def debiased_weight(snr_t: torch.Tensor, prediction_type: str, max_snr: float = 1000.0) -> torch.Tensor:
+    """w = 1/√SNR on the ε-loss (Yu et al. 2024, "Unmasking Bias in Diffusion Model Training", eq. 11).
+
+    Expressed for each target like ``min_snr_weight``, through ‖ε − ε̂‖² = SNR·‖x0 − x̂0‖² and
+    ‖v − v̂‖² = (SNR+1)·‖x0 − x̂0‖²: the x0-space weight is √SNR, so w = 1/√SNR (ε) | √SNR/(SNR+1) (v) |
+    √SNR (x0). SNR is clamped to ``max_snr`` above and 1e-8 below (finite at the ends of any schedule,
+    as sd-scripts' ``apply_debiased_estimation`` clamps it). Shapes: (B,) -> (B,).
+    """
+    _check("prediction_type", prediction_type, PREDICTION_TYPES)
+    s = snr_t.clamp(1e-8, max_snr)
+    if prediction_type == "epsilon":
+        return s.rsqrt()
+    if prediction_type == "v_prediction":
+        return s.sqrt() / (s + 1)
+    return s.sqrt()
+
+
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "laplace")
+
+
+def sample_timesteps(u: torch.Tensor, alphas_cumprod: torch.Tensor, kind: str, loc: float = 0.0,
+                     scale: float = 1.0) -> torch.Tensor:
+    """t = F⁻¹(u): timesteps in {0, …, T−1} from uniform draws u ∈ [0, 1) by inverse-CDF sampling.
+
+      uniform       t = ⌊u·T⌋
+      logit_normal  t = ⌊σ(m + s·Φ⁻¹(u))·T⌋, the density π(t/T) ∝ exp(−(logit(t/T) − m)²/2s²) / (t/T·(1 − t/T))
+                    of Esser et al. 2024 (SD3, §3.1 eq. 19) over the fraction of the schedule;
+      laplace       λ = m − s·sgn(u − ½)·ln(1 − 2|u − ½|) ~ Laplace(m, s) on log SNR (Hang et al. 2024,
+                    "Improved Noise Schedule for Diffusion Training", §3), then t = the step whose
+                    log SNR(t) = log(ā_t/(1 − ā_t)) is nearest to λ.
+    u: (B,) in [0, 1); alphas_cumprod: (T,) decreasing ā. Returns (B,) long on u's device. Non-uniform
+    sampling reweights the loss over t by the sampling density, as in the papers (no importance weight).
+    """
+    _check("timestep sampling", kind, TIMESTEP_SAMPLING)
+    num = alphas_cumprod.shape[0]
+    u = u.double()
+    if kind == "laplace":
+        centred = u - 0.5
+        lam = loc - scale * torch.sign(centred) * torch.log1p(-2 * centred.abs()).clamp(min=-1e6)  # (B,)
+        log_snr = snr(alphas_cumprod.double().to(u.device)).log()  # (T,) decreasing in t
+        t = torch.searchsorted(-log_snr, -lam).clamp(max=num - 1)  # first t with log SNR(t) <= λ
+        below = (t - 1).clamp(min=0)
+        nearer_prev = (log_snr[below] - lam).abs() < (log_snr[t] - lam).abs()
+        return torch.where(nearer_prev, below, t).long()
+    if kind == "logit_normal":
+        u = torch.sigmoid(loc + scale * math.sqrt(2.0) * torch.special.erfinv(2 * u.clamp(1e-12, 1 - 1e-12) - 1))
+    return (u * num).floor().clamp(0, num - 1).long()
+
+
 def simple_loss(model_output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """L_simple = w·mean‖target − output‖² per sample (Ho et al. 2020, eq. 14; w e.g. min-SNR)."""
     dtype = torch.promote_types(model_output.dtype, torch.float32)  # half precision -> float32
