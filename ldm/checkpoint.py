@@ -24,15 +24,24 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from ldm.errors import UserError
 
 logger = logging.getLogger(__name__)
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MARKER = "COMPLETE"
+PREVIOUS = "previous"  # <output_dir>/previous/<date-time>/: earlier runs set aside by train.resume=never
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint does not fit this run (architecture); the message says which and what to do."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,6 +66,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found) if is_complete(p)]
 
 
+def step_of(folder: Path) -> int | None:
+    match = PATTERN.match(folder.name)
+    return int(match.group(1)) if match else None
+
+
 def find_checkpoint(output_dir: str | Path, resume: str) -> Path | None:
     """Resolve ``train.resume``: "never", "latest" (None when there is none) or a path."""
     if resume == "never":
@@ -67,11 +81,72 @@ def find_checkpoint(output_dir: str | Path, resume: str) -> Path | None:
         if skipped:
             logger.warning("ignoring incomplete checkpoint(s): %s", ", ".join(sorted(skipped)))
         return found[-1] if found else None
-    path = Path(resume)
+    path = Path(resume).expanduser()
     if not is_complete(path):
         raise FileNotFoundError(f"train.resume={resume} is not a complete checkpoint folder (no valid {MARKER} "
                                 f"manifest); use 'latest', 'never' or a checkpoint-<step> folder")
+    check_resume_path(output_dir, path)
     return path
+
+
+def check_resume_path(output_dir: str | Path, folder: Path) -> None:
+    """``train.resume=PATH`` continues one run; it must not overwrite or mix with another in ``output_dir``.
+
+    Its new checkpoints go to ``output_dir``: later checkpoints already there (the run being forked)
+    would be overwritten step by step, and checkpoints of an unrelated run would mix with it.
+    """
+    same_dir = folder.resolve().parent == Path(output_dir).resolve()
+    here = list_checkpoints(output_dir)
+    clash = [p.name for p in here if (step_of(p) or 0) > (step_of(folder) or 0)] if same_dir else \
+        [p.name for p in here]
+    if clash:
+        raise FileExistsError(
+            f"resuming {folder} would write into {output_dir}, which holds {'later' if same_dir else 'other'} "
+            f"checkpoints ({', '.join(clash[-3:])}) that this run would overwrite or mix with; resume into a new "
+            f"output_dir, or move those checkpoints away first")
+
+
+def set_aside_previous_run(output_dir: str | Path) -> Path | None:
+    """``train.resume=never``: move what an earlier run left in ``output_dir`` into ``previous/<date-time>/``.
+
+    Everything moves (checkpoints, final, samples, logs, ...) except ``cache/`` (fingerprinted, reused only
+    when it matches) and ``previous/`` itself: the new run starts clean, and nothing is deleted.
+    """
+    root = Path(output_dir)
+    keep = {"cache", PREVIOUS}
+    entries = sorted(p for p in root.iterdir() if p.name not in keep) if root.is_dir() else []
+    if not entries:
+        return None
+    stamp = time.strftime("%Y-%m-%d_%H%M%S")
+    target = root / PREVIOUS / stamp
+    for n in range(2, 1000):
+        if not target.exists():
+            break
+        target = root / PREVIOUS / f"{stamp}-{n}"
+    target.mkdir(parents=True)
+    for entry in entries:
+        os.replace(entry, target / entry.name)
+    _fsync_dir(root)
+    logger.warning("train.resume=never: moved the previous run's %s to %s (nothing was deleted)",
+                   ", ".join(p.name for p in entries[:6]) + (" ..." if len(entries) > 6 else ""), target)
+    return target
+
+
+def check_architecture(folder: Path, name: str, model: torch.nn.Module) -> None:
+    """The saved ``model-<name>.safetensors`` has this model's tensor names and shapes, or one clear error."""
+    path = folder / f"model-{name}.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    now = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    if saved == now:
+        return
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    example = (f"{changed[0]} is {list(saved[changed[0]])} there and {list(now[changed[0]])} now" if changed else
+               f"{len(set(saved) ^ set(now))} tensor names differ, e.g. {sorted(set(saved) ^ set(now))[0]}")
+    raise CheckpointMismatchError(
+        f"cannot resume {folder}: its {name} has another architecture than this run's config ({example}); "
+        f"keep the model.* (and lora.*) settings of that run, or start fresh with --resume never (moves the old "
+        f"run to {folder.parent / PREVIOUS}/) or another output_dir")
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,6 +161,7 @@ def atomic_folder(final: str | Path):
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted_replace(final)
     tmp = final.parent / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -96,6 +172,15 @@ def atomic_folder(final: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def restore_interrupted_replace(final: Path) -> None:
+    """A kill between the two renames of ``_replace_folder`` leaves ``final`` missing and the previous
+    version at ``.old-<name>``: put it back, so the user keeps it until a new one is complete."""
+    old = final.parent / f".old-{final.name}"
+    if old.is_dir() and not final.exists():
+        os.replace(old, final)
+        logger.warning("restored %s from %s (a previous save was interrupted)", final, old.name)
 
 
 def write_manifest(folder: Path) -> None:
@@ -131,15 +216,33 @@ def _replace_folder(new: Path, final: Path) -> None:
 
 
 def rotate_checkpoints(output_dir: str | Path, limit: int | None) -> None:
-    """Delete the oldest complete checkpoints beyond ``limit`` and leftovers of killed writes."""
+    """Delete the oldest complete checkpoints beyond ``limit`` and leftovers of killed writes and deletes.
+
+    A checkpoint is renamed to ``.old-checkpoint-<step>`` before it is deleted, so a kill mid-delete
+    leaves a leftover that the next rotation removes, never a half-deleted ``checkpoint-<step>``.
+    Incomplete checkpoints older than the newest complete one (half-deleted by an older version, or
+    truncated) can never be resumed and are removed too.
+    """
     root = Path(output_dir)
     for stale in [*root.glob(".tmp-checkpoint-*"), *root.glob(".old-checkpoint-*")]:
         shutil.rmtree(stale, ignore_errors=True)
-    if limit is None:
-        return
     complete = list_checkpoints(root)
-    for old in complete[:-limit]:
-        shutil.rmtree(old, ignore_errors=True)
+    newest = step_of(complete[-1]) if complete else -1
+    broken = [p for p in root.glob("checkpoint-*") if p.is_dir() and p not in complete
+              and (step_of(p) if step_of(p) is not None else newest) < newest]
+    if broken:
+        logger.info("removing incomplete checkpoint(s) older than %s: %s", complete[-1].name,
+                    ", ".join(sorted(p.name for p in broken)))
+    for old in broken + (complete[:-limit] if limit is not None else []):
+        _delete_folder(old)
+
+
+def _delete_folder(folder: Path) -> None:
+    """Rename ``folder`` to a ``.old-`` name (atomic), then delete it."""
+    doomed = folder.parent / f".old-{folder.name}"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_json(path: Path, obj) -> None:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ldm.errors import UserError
+
 # git's rules for branch names (git check-ref-format), which the Hub applies to revisions
 _BAD_REVISION = re.compile(r"^[-/.]|\.\.|//|@\{|[\x00-\x20\x7f~^:?*\[\\]|/\.|\.lock$|\.lock/|[/.]$|^@$")
 
 
-class LocationError(ValueError):
+class LocationError(UserError, ValueError):
     """A path or Hub id argument is wrong; the message names the argument and what to do."""
 
 
@@ -42,7 +44,7 @@ def check_revision(value: str, key: str) -> str:
 
 def must_be_local(value: str) -> bool:
     """True when ``value`` cannot be a Hub id: absolute, ``.``/``~`` relative, or more than one ``/``."""
-    return value.startswith(("/", ".", "~", "\\")) or value.count("/") > 1 or "\\" in value or ":" in value
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or "\\" in value or ":" in value
 
 
 def local_or_hub(value: str, key: str, what: str = "folder") -> Path | str:
@@ -51,7 +53,8 @@ def local_or_hub(value: str, key: str, what: str = "folder") -> Path | str:
     if path.exists():
         return path
     if must_be_local(value):
-        raise FileNotFoundError(f"{key} {value}: no such {what} (looked in {path.absolute().parent})")
+        where = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+        raise FileNotFoundError(f"{key} {value}: this {what} does not exist{where}")
     try:
         return check_repo_id(value, key)
     except LocationError:
@@ -64,3 +67,12 @@ def not_found_here_or_on_hub(value: str, key: str, err: BaseException, what: str
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return LocationError(f"{key} {value!r} is not a {what} here (looked in {Path.cwd()}), and loading it as a "
                          f"Hub id failed: {reason[:300]}")
+
+
+def check_empty_or_new(folder: str | Path, key: str) -> Path:
+    """``folder`` for a command that writes a new dataset: absent or empty, never someone's files."""
+    path = Path(folder).expanduser()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{key} {folder} already exists and is not empty; choose a new folder (nothing in it "
+                              f"was changed)")
+    return path

@@ -11,6 +11,8 @@ from PIL import Image
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        UniPCMultistepScheduler)
 
+from ldm.hub import LORA_FILE
+from ldm.locations import local_or_hub, not_found_here_or_on_hub
 from ldm.training import to_pil_grid
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 
@@ -39,17 +41,54 @@ def load_pipeline(model: str | Path, device: str | torch.device | None = None,
     A LoRA folder (``pytorch_lora_weights.safetensors`` + ``training.json``) loads its base pipeline
     (the ``base_model`` it was trained from) with the adapters applied.
     """
-    folder = Path(model)
-    if (folder / "pytorch_lora_weights.safetensors").exists() and not (folder / "model_index.json").exists():
-        base = json.loads((folder / "training.json").read_text())["base_model"]
-        pipe = LatentDiffusionPipeline.from_pretrained(base, dtype=dtype)
-        pipe.load_lora_weights(str(folder))
+    location = local_or_hub(str(model), "--model")
+    if isinstance(location, Path) and is_lora_folder(location):
+        pipe = _from_pretrained(lora_base_model(location), "the base_model of " + str(location), dtype)
+        pipe.load_lora_weights(str(location))
     else:
-        pipe = LatentDiffusionPipeline.from_pretrained(str(model), dtype=dtype)
+        if isinstance(location, Path):
+            check_pipeline_folder(location)
+        pipe = _from_pretrained(location, "--model", dtype)
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def is_lora_folder(folder: Path) -> bool:
+    return (folder / LORA_FILE).exists() and not (folder / "model_index.json").exists()
+
+
+def check_pipeline_folder(folder: Path) -> None:
+    """A local ``--model`` must be a saved pipeline: say which folder to use when it is not."""
+    if (folder / "model_index.json").is_file():
+        return
+    hint = (f"; did you mean {folder / 'final'}?" if (folder / "final" / "model_index.json").is_file() else
+            "; pass the pipeline folder stage 2 saved (<output_dir>/final)")
+    raise FileNotFoundError(f"--model {folder} is not a pipeline folder (no model_index.json){hint}")
+
+
+def lora_base_model(folder: Path) -> str | Path:
+    """The base pipeline a LoRA folder was trained on, from its ``training.json``."""
+    summary = folder / "training.json"
+    try:
+        base = json.loads(summary.read_text()).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    if not base:
+        raise ValueError(f"LoRA folder {folder}: {summary.name} does not name its base_model, so the pipeline to "
+                         f"apply it to is unknown; load the base pipeline yourself and call "
+                         f"pipe.load_lora_weights({str(folder)!r})")
+    return local_or_hub(base, f"base_model in {summary}")
+
+
+def _from_pretrained(location: Path | str, key: str, dtype: torch.dtype) -> LatentDiffusionPipeline:
+    if isinstance(location, Path):
+        return LatentDiffusionPipeline.from_pretrained(str(location), dtype=dtype)
+    try:
+        return LatentDiffusionPipeline.from_pretrained(location, dtype=dtype)
+    except OSError as err:  # huggingface_hub's not-found, offline and HTTP errors are OSErrors
+        raise not_found_here_or_on_hub(location, key, err) from err
 
 
 def sample_grid(pipe, prompts: list[str], num_images: int, steps: int, guidance: float, seed: int,

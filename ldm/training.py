@@ -53,6 +53,9 @@ def make_accelerator(output_dir: str, train: TrainConfig, config=None) -> Accele
         raise RuntimeError(f"launched as {world} processes but accelerate initialised a single one; on CPU set "
                            f"ACCELERATE_USE_CPU=1 (torchrun) so the processes train together")
     setup_logging(accelerator)
+    if train.resume == "never" and accelerator.is_main_process:  # before the logs of this run are opened
+        ckpt.set_aside_previous_run(output_dir)
+    accelerator.wait_for_everyone()
     if config is not None:
         accelerator.init_trackers("ldm", config=_flat_scalars(to_dict(config)))
     return accelerator
@@ -270,6 +273,8 @@ class Checkpointer:
             acc.load_state(str(folder / "accelerate"))
         else:
             for name, model in self.models.items():
+                ckpt.check_architecture(folder, name, acc.unwrap_model(model))
+            for name, model in self.models.items():
                 acc.unwrap_model(model).load_state_dict(ckpt.load_state_dict(folder / f"model-{name}.safetensors"))
             for name, opt in self.optimizers.items():
                 ckpt.load_optimizer(folder, name, opt.optimizer if hasattr(opt, "optimizer") else opt)
@@ -302,7 +307,8 @@ class Checkpointer:
                 f"{saved.batch_size} x {saved.grad_accum_steps} accumulation step(s), this run has "
                 f"{acc.num_processes} x {train.batch_size} x {train.grad_accum_steps}. Keep processes x "
                 f"train.batch_size and train.grad_accum_steps equal to continue the same data order exactly, "
-                f"or start a new output_dir (or --set train.resume=never).")
+                f"or start a new output_dir (or --resume never, which moves this run to "
+                f"{self.output_dir / ckpt.PREVIOUS}/).")
 
 
 def new_state(accelerator: Accelerator, train: TrainConfig) -> TrainerState:

@@ -1,4 +1,4 @@
-"""Publishing: the dry-run release folder loads with trust_remote_code; its card is complete; no token leaks."""
+"""Publishing: the dry-run release folder loads with the shipped pipeline file; its card is complete; no token leaks."""
 
 import json
 import secrets
@@ -25,7 +25,7 @@ def trained(unet_overrides, tmp_path):
     return final
 
 
-def test_dry_run_release_loads_with_trust_remote_code_and_has_a_full_card(trained, capsys):
+def test_dry_run_release_loads_with_the_shipped_pipeline_file_and_has_a_full_card(trained, capsys):
     cli(["push", "--model", str(trained), "--repo-id", "someone/tiny-ldm", "--dry-run"])
     release = Path(capsys.readouterr().out.strip().splitlines()[-1])
     files = sorted(p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file())
@@ -34,7 +34,7 @@ def test_dry_run_release_loads_with_trust_remote_code_and_has_a_full_card(traine
     assert not [f for f in files if f.startswith(("checkpoint", "cache", "logs", "metrics")) or "optim" in f
                 or f.endswith((".bin", ".pt", ".pkl"))]
     index = json.loads((release / "model_index.json").read_text())
-    assert index["_class_name"] == ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]
+    assert index["_class_name"] == "LatentDiffusionPipeline"  # a string: the installed class needs no remote code
 
     card = ModelCard.load(release / "README.md")
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
@@ -43,7 +43,8 @@ def test_dry_run_release_loads_with_trust_remote_code_and_has_a_full_card(traine
     assert "trust_remote_code=True" in card.text and "revision=" in card.text and "| unet |" in card.text
 
     script = ("import sys, torch; from diffusers import DiffusionPipeline\n"
-              "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+              "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline='pipeline_latent_diffusion',"
+              " trust_remote_code=True)\n"
               "img = pipe('a red circle', num_inference_steps=2, output_type='np',"
               " generator=torch.Generator().manual_seed(0)).images\n"
               "print(type(pipe).__name__, img.shape)")
@@ -65,8 +66,10 @@ class FakeApi:
         FakeApi.calls.append(("create_branch", repo_id, kw))
 
     def upload_folder(self, **kw):
-        files = sorted(p.name for p in Path(kw["folder_path"]).rglob("*") if p.is_file())
-        FakeApi.calls.append(("upload_folder", kw["repo_id"], {**kw, "files": files}))
+        paths = [p for p in Path(kw["folder_path"]).rglob("*") if p.is_file()]  # a temporary folder: read it now
+        leaked = [p.name for p in paths if FAKE_TOKEN.encode() in p.read_bytes()]
+        FakeApi.calls.append(("upload_folder", kw["repo_id"], {**kw, "files": sorted(p.name for p in paths),
+                                                               "leaked": leaked}))
 
 
 def test_push_and_training_push_never_leak_the_token(unet_overrides, tmp_path, monkeypatch, caplog, capsys):
@@ -84,7 +87,7 @@ def test_push_and_training_push_never_leak_the_token(unet_overrides, tmp_path, m
     privacy = [c[2].get("private") for c in FakeApi.calls if c[0] == "create_repo"]
     assert privacy[:-1] and all(privacy[:-1]) and privacy[-1] is False  # training pushes private, the CLI did not
     uploads = [c for c in FakeApi.calls if c[0] == "upload_folder"]
-    assert all("README.md" in c[2]["files"] and "token" not in c[2] for c in uploads)
+    assert all("README.md" in c[2]["files"] and "token" not in c[2] and not c[2]["leaked"] for c in uploads)
     out = capsys.readouterr()
     assert FAKE_TOKEN not in caplog.text + out.out + out.err
     for path in tmp_path.rglob("*"):
@@ -92,8 +95,9 @@ def test_push_and_training_push_never_leak_the_token(unet_overrides, tmp_path, m
             assert FAKE_TOKEN.encode() not in path.read_bytes(), path
 
 
-def test_push_refuses_folders_that_are_not_models(tmp_path):
+def test_push_refuses_folders_that_are_not_models(tmp_path, capsys):
     (tmp_path / "checkpoint-4").mkdir()
     (tmp_path / "checkpoint-4" / "model-unet.safetensors").write_bytes(b"x")
-    with pytest.raises(FileNotFoundError, match="neither a pipeline folder"):
+    with pytest.raises(SystemExit) as exit_info:
         cli(["push", "--model", str(tmp_path / "checkpoint-4"), "--repo-id", "a/b", "--dry-run"])
+    assert exit_info.value.code == 2 and "neither a pipeline folder" in capsys.readouterr().err

@@ -12,6 +12,7 @@ side matches the target, centre- or randomly cropped, optionally flipped, and sc
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
 from pathlib import Path
@@ -24,9 +25,12 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ldm.config import DataConfig
+from ldm.errors import UserError
+from ldm.locations import local_or_hub, not_found_here_or_on_hub
 
 logger = logging.getLogger(__name__)
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,21 +106,28 @@ def nearest_bucket(width: int, height: int, buckets: tuple[tuple[int, int], ...]
 # --------------------------------------------------------------------------------------------
 # Records
 # --------------------------------------------------------------------------------------------
+class DataError(UserError, ValueError):
+    """A dataset file or value is wrong; the message names the file (and line or example) and the fix."""
+
+
 def load_records(data: DataConfig, streaming: bool | None = None):
-    """The raw ``datasets`` table (images left undecoded) for ``data.path``."""
+    """The raw ``datasets`` table (images left undecoded) for ``data.path``.
+
+    A local imagefolder's ``metadata.jsonl`` is checked line by line first (``check_metadata``), so a
+    broken line is reported with its file and line number instead of a pyarrow error.
+    """
     if not data.path:
         raise ValueError("data.path is empty: set it to an imagefolder, a folder of .tar shards, or a dataset "
                          "name (e.g. `ldm data shapes --out data/shapes` then --set data.path=data/shapes)")
     streaming = data.streaming if streaming is None else streaming
-    path = Path(data.path)
-    if path.is_dir() and any(path.glob("*.tar")):
-        records = datasets.load_dataset("webdataset", data_dir=str(path), split=data.split, streaming=streaming)
-    elif path.is_dir() and _looks_like_imagefolder(path):
-        records = datasets.load_dataset("imagefolder", data_dir=str(path), split=data.split, streaming=streaming)
-    elif not path.exists() and (path.suffix or str(data.path).startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"data.path {data.path} does not exist")
-    else:  # a Hub dataset name, or a local copy of one (parquet/arrow/json shards)
-        records = datasets.load_dataset(data.path, split=data.split, streaming=streaming)
+    location = local_or_hub(data.path, "data.path")
+    if isinstance(location, Path):
+        records = _load_local(location, data, streaming)
+    else:
+        try:  # a Hub dataset name
+            records = datasets.load_dataset(location, split=data.split, streaming=streaming)
+        except (OSError, ConnectionError) as err:  # not found, offline, HTTP errors
+            raise not_found_here_or_on_hub(location, "data.path", err) from err
     columns = records.column_names or list(records.features or {})
     if data.image_column not in columns:
         raise ValueError(f"image column {data.image_column!r} not in {data.path}; its columns are {columns} "
@@ -126,18 +137,94 @@ def load_records(data: DataConfig, streaming: bool | None = None):
     return records
 
 
+def _load_local(path: Path, data: DataConfig, streaming: bool):
+    """A local folder: webdataset shards, an imagefolder, or a saved copy of a Hub dataset."""
+    if not path.is_dir():
+        raise DataError(f"data.path {path} is a file; point data.path at the folder that holds the images and "
+                        f"metadata.jsonl (or the .tar shards)")
+    if any(path.glob("*.tar")):
+        kind, args = "webdataset shards", ("webdataset",)
+    elif _looks_like_imagefolder(path):
+        check_metadata(path, data.caption_column)
+        kind, args = "imagefolder", ("imagefolder",)
+    else:
+        kind, args = "dataset folder", ()
+    try:
+        return datasets.load_dataset(*args, **({"data_dir": str(path)} if args else {"path": str(path)}),
+                                     split=data.split, streaming=streaming)
+    except Exception as err:  # pyarrow, datasets' generation and empty-folder errors: name the folder
+        raise DataError(f"data.path {path}: cannot read it as {kind} ({_first_line(err)}); expected images with "
+                        f"metadata.jsonl (file_name + {data.caption_column}), .tar shards, or parquet/arrow "
+                        f"files") from err
+
+
 def _looks_like_imagefolder(path: Path) -> bool:
-    image_suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
     return (path / "metadata.jsonl").exists() or (path / "metadata.csv").exists() or any(
-        p.suffix.lower() in image_suffixes for p in path.rglob("*"))
+        p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*"))
+
+
+def check_metadata(folder: Path, caption_column: str) -> None:
+    """Every line of ``folder/metadata.jsonl`` is a JSON object with a ``file_name``; images it does not
+    list are named in a warning (datasets would drop them silently). Captions are checked later, by
+    ``check_captions``, only for the stages that use them."""
+    path = folder / "metadata.jsonl"
+    if not path.exists():
+        return
+    listed = set()
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise DataError(f"{path} line {number} is not valid JSON ({err.args[0]}); each line must be one "
+                                f'object like {{"file_name": "0001.png", "{caption_column}": "a caption"}}') from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise DataError(f'{path} line {number} needs a "file_name" string (the image path relative to '
+                                f"{folder}), got {line.strip()[:100]}")
+            if row.get(caption_column) is not None and not isinstance(row[caption_column], str):
+                raise DataError(f"{path} line {number}: {caption_column!r} must be a string, got "
+                                f"{row[caption_column]!r}")
+            listed.add(Path(row["file_name"]).as_posix())
+    unlisted = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                      if p.suffix.lower() in IMAGE_SUFFIXES and p.relative_to(folder).as_posix() not in listed)
+    if unlisted:
+        logger.warning("%d image(s) in %s have no line in metadata.jsonl and are not used: %s", len(unlisted), folder,
+                       ", ".join(unlisted[:10]) + (" ..." if len(unlisted) > 10 else ""))
 
 
 def check_captions(records, data: DataConfig) -> None:
+    """The caption column exists; in a map-style dataset every caption is a string (checked once, up front)."""
     columns = records.column_names or list(records.features or {})
     if data.caption_column not in columns:
         raise ValueError(f"caption column {data.caption_column!r} not in {data.path}; its columns are {columns} "
                          f"(set data.caption_column, or add a metadata.jsonl with file_name and "
                          f"{data.caption_column})")
+    if isinstance(records, datasets.Dataset):
+        for index, caption in enumerate(records[data.caption_column]):
+            if not isinstance(caption, str):
+                caption_of({data.caption_column: caption}, data, lambda: example_name(records, data, index))
+
+
+def caption_of(row: dict, data: DataConfig, name) -> str:
+    """The caption of ``row``; a missing, null or non-text caption is an error naming the example.
+
+    An empty string is a valid caption (the example then trains the unconditional model)."""
+    caption = row.get(data.caption_column)
+    if not isinstance(caption, str):
+        raise DataError(f"caption {data.caption_column!r} of {name()} in {data.path} is {caption!r}; every example "
+                        f'needs a text caption (use "" for an image without one)')
+    return caption
+
+
+def example_name(records, data: DataConfig, index: int) -> str:
+    return f"example #{index} ({image_name(records[index][data.image_column], index)})"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def validate_images(records, image_column: str) -> tuple[list[int], list[tuple[int, int]], list[str]]:
@@ -155,7 +242,8 @@ def validate_images(records, image_column: str) -> tuple[list[int], list[tuple[i
         shown = ", ".join(bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
         logger.warning("skipped %d corrupt or unreadable image(s) of %d: %s", len(bad), len(good) + len(bad), shown)
     if not good:
-        raise ValueError(f"no readable images in {len(bad)} examples")
+        raise DataError(f"no readable images in the {len(bad)} examples of column {image_column!r}"
+                        + (f" (e.g. {', '.join(bad[:3])})" if bad else ""))
     return good, sizes, bad
 
 
@@ -169,10 +257,10 @@ class ImageCaptionDataset(Dataset):
     def __init__(self, data: DataConfig, need_captions: bool = True, records=None):
         self.data = data
         self.records = records if records is not None else load_records(data, streaming=False)
-        if need_captions:
-            check_captions(self.records, data)
         if data.max_samples is not None:
             self.records = self.records.select(range(min(data.max_samples, len(self.records))))
+        if need_captions:
+            check_captions(self.records, data)
         self.valid, self.sizes, self.skipped = validate_images(self.records, data.image_column)
         self.need_captions = need_captions
 
@@ -209,13 +297,13 @@ class ImageCaptionDataset(Dataset):
         return image_name(self.records[self.valid[pos]][self.data.image_column], self.valid[pos])
 
 
-def make_example(image: Image.Image, caption, index: int, seed: int, size: tuple[int, int], crop: str,
+def make_example(image: Image.Image, caption: str, index: int, seed: int, size: tuple[int, int], crop: str,
                  flip: bool) -> dict:
     """One training example: RGB, resized and cropped to ``size`` (H, W) with the example's seed, maybe mirrored."""
     image = resize_crop(to_rgb(image), *size, crop, random.Random(seed))
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return {"pixel_values": to_tensor(image), "caption": str(caption), "index": index, "seed": seed}
+    return {"pixel_values": to_tensor(image), "caption": caption, "index": index, "seed": seed}
 
 
 def collate(items: list[dict]) -> dict:

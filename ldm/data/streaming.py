@@ -15,8 +15,8 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.config import DataConfig
-from ldm.data.images import (DECODE_ERRORS, check_captions, decode_image, flip_decision, image_name, load_records,
-                             make_example)
+from ldm.data.images import (DECODE_ERRORS, caption_of, check_captions, decode_image, flip_decision, image_name,
+                             load_records, make_example)
 from ldm.data.sampler import example_seed
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,6 @@ class StreamingImageCaptions(IterableDataset):
 
     def __init__(self, data: DataConfig, seed: int, rank: int = 0, world_size: int = 1, batch_size: int = 1,
                  start_batches: int = 0, need_captions: bool = True, shuffle_buffer: int = 1000):
-        if data.buckets:
-            raise ValueError("data.buckets needs the map-style dataset; set data.streaming=false to bucket")
         self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
         self.batch_size, self.start_batches, self.need_captions = batch_size, start_batches, need_captions
         self.shuffle_buffer = shuffle_buffer
@@ -41,7 +39,10 @@ class StreamingImageCaptions(IterableDataset):
             check_captions(records, data)
 
     def _stream(self, worker: int, workers: int):
-        records = load_records(self.data, streaming=True).shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        records = load_records(self.data, streaming=True)
+        if self.data.max_samples is not None:  # the first N examples, as in the map-style dataset
+            records = records.take(self.data.max_samples)
+        records = records.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
         return split_dataset_by_node(records, self.rank * workers + worker, self.world_size * workers)
 
     def __iter__(self):
@@ -68,7 +69,7 @@ class StreamingImageCaptions(IterableDataset):
             logger.warning("skipped corrupt or unreadable image %s", image_name(value, position))
             return None
         seed = example_seed(self.seed, epoch, position * shards + shard)  # unique across processes and workers
-        caption = row[self.data.caption_column] if self.need_captions else ""
+        caption = caption_of(row, self.data, lambda: image_name(value, position)) if self.need_captions else ""
         size = (self.data.resolution, self.data.resolution)
         return make_example(image, caption, position, seed, size, self.data.crop,
                             self.data.random_flip and flip_decision(seed))
