@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from ldm.entry import add_config_args, load_stage_config
+from ldm.errors import UserError
+from ldm.locations import LocationError, check_empty_or_new, local_or_hub
 
 STAGES = {  # ldm train <name> -> (module in train/, config class in ldm.config)
     "vae": ("train.vae", "VAEStageConfig"),
@@ -23,6 +26,7 @@ STAGES = {  # ldm train <name> -> (module in train/, config class in ldm.config)
 # Commands
 # --------------------------------------------------------------------------------------------
 def cmd_data(args) -> None:
+    check_empty_or_new(args.out, "--out")
     from ldm.data.shapes import write_shapes_dataset
 
     out = write_shapes_dataset(args.out, num=args.num, size=args.size, seed=args.seed)
@@ -52,6 +56,9 @@ def cmd_sample(args) -> None:
 def cmd_eval(args) -> None:
     from ldm.config import DataConfig
 
+    if args.out is None and not isinstance(local_or_hub(args.model, "--model"), Path):
+        raise LocationError(f"--model {args.model} is a Hub id: pass --out FILE.json for the metrics (the default "
+                            f"is <model folder>/metrics/{args.kind}.json)")
     data = DataConfig(path=args.data, split=args.split, image_column=args.image_column,
                       caption_column=args.caption_column, resolution=args.resolution or 32)
     if args.kind == "vae":
@@ -65,10 +72,10 @@ def cmd_eval(args) -> None:
         from ldm.evaluation.pipeline import evaluate_pipeline
         metrics = evaluate_pipeline(args.model, data, num=args.num, seed=args.seed, steps=args.steps,
                                     guidance=args.guidance, scheduler=args.scheduler)
+    print(json.dumps(metrics, indent=2))  # first: the numbers are not lost if the file cannot be written
     out = Path(args.out or Path(args.model) / "metrics" / f"{args.kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
-    print(json.dumps(metrics, indent=2))
     print(f"wrote {out}")
 
 
@@ -179,9 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command; bad input (a ``UserError``, a missing, existing or unwritable path) exits with its
+    message alone, status 2; anything else keeps its traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (UserError, FileNotFoundError, FileExistsError, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
 if __name__ == "__main__":
