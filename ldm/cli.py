@@ -27,10 +27,18 @@ STAGES = {  # ldm train <name> -> (module in train/, config class in ldm.config)
 # --------------------------------------------------------------------------------------------
 def cmd_data(args) -> None:
     check_empty_or_new(args.out, "--out")
+    if args.dataset == "digits":
+        from ldm.data.digits import write_digits_dataset
+
+        out = write_digits_dataset(args.out, size=args.size, num=args.num)
+        count = sum(1 for _ in open(out / "metadata.jsonl"))
+        print(f"wrote {count} handwritten digits of {args.size}x{args.size} and metadata.jsonl to {out}")
+        return
     from ldm.data.shapes import write_shapes_dataset
 
-    out = write_shapes_dataset(args.out, num=args.num, size=args.size, seed=args.seed)
-    print(f"wrote {args.num} images of {args.size}x{args.size} and metadata.jsonl to {out}")
+    num = args.num or 2000
+    out = write_shapes_dataset(args.out, num=num, size=args.size, seed=args.seed)
+    print(f"wrote {num} images of {args.size}x{args.size} and metadata.jsonl to {out}")
 
 
 def cmd_train(args) -> None:
@@ -71,8 +79,11 @@ def cmd_eval(args) -> None:
     else:
         from ldm.evaluation.pipeline import evaluate_pipeline
         metrics = evaluate_pipeline(args.model, data, num=args.num, seed=args.seed, steps=args.steps,
-                                    guidance=args.guidance, scheduler=args.scheduler)
+                                    guidance=args.guidance, scheduler=args.scheduler, clip=args.clip)
     print(json.dumps(metrics, indent=2))  # first: the numbers are not lost if the file cannot be written
+    if args.kind == "pipeline":
+        from ldm.evaluation.pipeline import summary_lines
+        print("\n".join(summary_lines(metrics)))
     out = Path(args.out or Path(args.model) / "metrics" / f"{args.kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
@@ -115,12 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Staged latent diffusion on diffusers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="write the built-in synthetic dataset")
-    data.add_argument("dataset", choices=["shapes"])
+    data = sub.add_parser("data", help="write a built-in dataset: synthetic shapes, or real handwritten digits")
+    data.add_argument("dataset", choices=["shapes", "digits"],
+                      help="shapes: generated here; digits: scikit-learn's 1,797 scans (pip install -e \".[real]\")")
     data.add_argument("--out", required=True)
-    data.add_argument("--num", type=int, default=2000)
+    data.add_argument("--num", type=int, default=None, help="images (shapes: default 2000; digits: default all)")
     data.add_argument("--size", type=int, default=32)
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=int, default=0, help="shapes only")
     data.set_defaults(func=cmd_data)
 
     train = sub.add_parser("train", help="train a stage (same as accelerate launch -m train.<stage>)")
@@ -155,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=20, help="pipeline: sampling steps")
     ev.add_argument("--guidance", type=float, default=5.0, help="pipeline: guidance scale")
     ev.add_argument("--scheduler", default="dpm++", help="pipeline: sampler")
+    ev.add_argument("--clip", default=None, metavar="MODEL_NAME:PRETRAINED_PATH",
+                    help="pipeline: open_clip model for FD/KID/CLIP score (default: the pipeline's stage-0 CLIP)")
     ev.add_argument("--out", default=None, help="JSON path (default: <model>/metrics/<kind>.json)")
     ev.set_defaults(func=cmd_eval)
 

@@ -1,12 +1,21 @@
-"""``ldm eval pipeline``: the shapes judge's accuracy on held-out prompts, and the U-Net's bits/dim.
+"""``ldm eval pipeline``: how good are a pipeline's images on held-out data, on any data.
 
-Prompts are single-shape captions drawn from the shapes generator with a seed the training data
-never uses; every image has its own seeded generator, so the numbers are reproducible.
+For held-out image-caption pairs (``data``), split by a seeded shuffle into two disjoint halves
+A and B, one image is generated for each caption of A (each with its own seeded generator) and
+    FD, KID      generated vs B, in a CLIP feature space (``ldm.evaluation.fid``), and as the yardstick
+                 the same metric between the real halves A and B (same sizes: the sampling noise floor)
+    CLIP score   each generated image against its caption (mean), and of the real images of A
+    bits/dim     the U-Net's −ELBO on held-out latents (``latent_bits_per_dim``)
+and a task-specific reading where the data is one this project knows: the shapes judge for shapes
+data (on its own held-out single-shape prompts), the digit classifier for ``ldm data digits`` data.
+The report names the feature space: the pipeline's stage-0 CLIP, a CLIP the user names, or none.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 
 import numpy as np
 import torch
@@ -14,13 +23,14 @@ from diffusers import DDPMScheduler
 
 from ldm.config import DataConfig
 from ldm.data.images import ImageCaptionDataset, collate
-from ldm.data.shapes import COLOURS, KINDS, single_shape_scenes
+from ldm.data.shapes import BACKGROUNDS, COLOURS, KINDS, single_shape_scenes
 from ldm.evaluation.judge import judge, summarise
 from ldm.losses.diffusion import variational_bound_bpd
 from ldm.models.text import encode_prompts
 from ldm.models.unet import vae_scale_factor
 from ldm.models.vae import normalize_latents
 
+logger = logging.getLogger(__name__)
 HELD_OUT_SEED = 10_000  # shapes seeds at or above this are never used for training data
 
 
@@ -64,13 +74,120 @@ def latent_bits_per_dim(pipe, data: DataConfig, num: int = 16, seed: int = 0) ->
     return float(bound.total.mean())
 
 
+SHAPES_CAPTION = re.compile(rf"^a (small|large) ({'|'.join(COLOURS)}) ({'|'.join(KINDS)}) in the .* on a "
+                            rf"({'|'.join(BACKGROUNDS)}) background$")
+MAX_IMAGES = 1000  # held-out pairs used by default (500 generated images)
+
+
+def data_kind(captions: list[str]) -> str | None:
+    """"shapes" or "digits" when every caption is one of that built-in data's captions, else None."""
+    from ldm.data.digits import label_of
+
+    if captions and all(label_of(c) is not None for c in captions):
+        return "digits"
+    if captions and all(SHAPES_CAPTION.match(c) for c in captions):
+        return "shapes"
+    return None
+
+
+def heldout_halves(dataset: ImageCaptionDataset, num: int, seed: int) -> tuple[dict, dict]:
+    """Two disjoint batches A, B of ``num // 2`` held-out pairs each, chosen by a seeded shuffle."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    half = min(num, len(dataset)) // 2
+    return collate([dataset[i] for i in order[:half]]), collate([dataset[i] for i in order[half:2 * half]])
+
+
+@torch.no_grad()
+def generate(pipe, captions: list[str], steps: int, guidance: float, seed: int, batch_size: int = 25) -> np.ndarray:
+    """One image per caption, image i from its own generator (seed · 100003 + i): uint8 [N, H, W, 3]."""
+    images = []
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start:start + batch_size]
+        generators = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(len(chunk))]
+        images.append(pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                           output_type="np").images)
+    return (np.concatenate(images) * 255).round().astype(np.uint8)
+
+
+def distribution_metrics(space, generated: np.ndarray, real_a: dict, real_b: dict) -> dict:
+    """FD and KID of generated vs B and of A vs B (the floor), CLIP scores; in the ``space`` named."""
+    from ldm.evaluation.fid import clip_score, frechet_distance_features, kernel_inception_distance
+
+    fake = space.images(torch.from_numpy(generated).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    a, b = space.images(real_a["pixel_values"]), space.images(real_b["pixel_values"])
+    text = space.texts(real_a["caption"])
+    kid, kid_std = kernel_inception_distance(fake, b)
+    kid_real, kid_real_std = kernel_inception_distance(a, b)
+    fd, fd_real = frechet_distance_features(fake, b), frechet_distance_features(a, b)
+    return {"features": space.name, "fd": fd, "fd_real_halves": fd_real,
+            "fd_ratio": fd / fd_real if fd_real > 0 else float("nan"),
+            "kid": kid, "kid_std": kid_std, "kid_real_halves": kid_real, "kid_real_halves_std": kid_real_std,
+            "clip_score": float(clip_score(fake, text).mean()), "clip_score_real": float(clip_score(a, text).mean()),
+            "images_per_set": len(fake)}
+
+
 def evaluate_pipeline(model: str, data: DataConfig, num: int | None = None, seed: int = 0, steps: int = 20,
-                      guidance: float = 5.0, scheduler: str | None = "dpm++") -> dict:
-    """``ldm eval pipeline``: judge accuracy on ``num`` (default 100) prompts + bits/dim on ``data``."""
+                      guidance: float = 5.0, scheduler: str | None = "dpm++", clip: str | None = None,
+                      judge_prompts: int | None = None, bpd_images: int = 16, batch_size: int = 25) -> dict:
+    """``ldm eval pipeline``: FD, KID, CLIP score, bits/dim on ``data`` (+ judge or digit classifier).
+
+    num: held-out pairs to use (default all, at most 1,000): ``num // 2`` images are generated; also
+    the number of judge prompts for shapes data unless ``judge_prompts`` is given (default 100).
+    clip: an open_clip model for the feature space (``MODEL_NAME:PRETRAINED_PATH``, see
+    ``ldm.evaluation.fid.load_feature_space``); default the pipeline's stage-0 CLIP.
+    """
+    from ldm.evaluation.fid import load_feature_space
     from ldm.sampling import load_pipeline
 
     pipe = load_pipeline(model, scheduler=scheduler)
-    metrics = judge_pipeline(pipe, num=num or 100, seed=seed, steps=steps, guidance=guidance)
     size = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
-    metrics["bits_per_dim"] = latent_bits_per_dim(pipe, dataclasses.replace(data, resolution=size), seed=seed)
+    data = dataclasses.replace(data, resolution=size)
+    dataset = ImageCaptionDataset(data)
+    captions = [str(dataset.records[i][data.caption_column]) for i in dataset.valid]
+    kind = data_kind(captions)
+    metrics: dict = {"data": data.path, "data_kind": kind or "other", "resolution": size, "steps": steps,
+                     "guidance_scale": guidance, "sampler": type(pipe.scheduler).__name__, "seed": seed}
+    real_a, real_b = heldout_halves(dataset, num or MAX_IMAGES, seed)
+    if len(real_a["caption"]) < 2:
+        raise ValueError(f"{data.path} has {len(dataset)} usable pairs; FD and KID need at least 4 held-out pairs")
+    generated = generate(pipe, real_a["caption"], steps, guidance, seed, batch_size)
+    space = load_feature_space(model, clip, device=pipe.device)
+    if space is None:
+        logger.warning("no feature space: %s has no stage-0 CLIP (open_clip/); name one with --clip "
+                       "MODEL_NAME:PRETRAINED_PATH for FD, KID and CLIP score", model)
+        metrics["features"] = "none (the pipeline has no stage-0 CLIP; pass --clip MODEL_NAME:PRETRAINED_PATH)"
+    else:
+        metrics |= distribution_metrics(space, generated, real_a, real_b)
+    metrics["bits_per_dim"] = latent_bits_per_dim(pipe, data, num=bpd_images, seed=seed)
+    if kind == "digits":
+        from ldm.data.digits import label_of
+        from ldm.evaluation.digits import classify_digits
+
+        reading = classify_digits(generated, [label_of(c) for c in real_a["caption"]], size)
+        metrics |= {"classifier_accuracy": reading["accuracy"], "classifier": reading}
+    elif kind == "shapes":
+        reading = judge_pipeline(pipe, num=judge_prompts or num or 100, seed=seed, steps=steps, guidance=guidance,
+                                 batch_size=batch_size)
+        metrics |= {"judge_accuracy": reading["accuracy"], "judge": reading}
     return metrics
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """The report's lines for ``evaluate_pipeline``'s metrics (the CLI and ``ldm train all`` print them)."""
+    lines = [f"features        {metrics.get('features')}"]
+    if "fd" in metrics:
+        lines += [f"FD              {metrics['fd']:.4g} generated vs held-out (real half vs real half: "
+                  f"{metrics['fd_real_halves']:.4g}, ratio {metrics['fd_ratio']:.2f}; {metrics['images_per_set']} "
+                  f"images per set)",
+                  f"KID             {metrics['kid']:.4g} ± {metrics['kid_std']:.2g} (real halves: "
+                  f"{metrics['kid_real_halves']:.4g})",
+                  f"CLIP score      {metrics['clip_score']:.2f} generated, {metrics['clip_score_real']:.2f} real"]
+    lines.append(f"U-Net bound     {metrics['bits_per_dim']:.3f} bits/dim on held-out latents")
+    if "classifier_accuracy" in metrics:
+        c = metrics["classifier"]
+        lines.append(f"classifier      {c['accuracy']:.2f} of generated digits read as their caption's digit "
+                     f"(on held-out real digits: {c['classifier_heldout_real_accuracy']:.2f})")
+    if "judge_accuracy" in metrics:
+        lines.append(f"judge accuracy  {metrics['judge_accuracy']:.2f} on {metrics['judge']['num_images']} held-out "
+                     f"shapes prompts")
+    return lines

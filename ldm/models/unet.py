@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,4 +169,13 @@ def save_pipeline(folder: Path, parts: Components, unet: UNet2DConditionModel, e
                                text_encoder_lora_layers=text_layers, safe_serialization=True)
     else:
         pipe.save_pretrained(folder, safe_serialization=True)
+        copy_open_clip(cfg.pretrained or cfg.text_encoder, folder)
     return folder
+
+
+def copy_open_clip(source: str | None, folder: Path) -> None:
+    """Keep the whole stage-0 CLIP beside the pipeline (``open_clip/``, when ``source`` has one): its image
+    tower is the feature space in which ``ldm eval pipeline`` measures FD, KID and CLIP score."""
+    clip = Path(source) / "open_clip" if source else None
+    if clip is not None and (clip / "open_clip_config.json").is_file():
+        shutil.copytree(clip, Path(folder) / "open_clip", dirs_exist_ok=True)
