@@ -9,6 +9,12 @@ The components are the standard diffusers/transformers classes, so a folder writ
 is copied into that folder so that `DiffusionPipeline.from_pretrained(folder, custom_pipeline=...)`
 finds it. It therefore imports nothing but torch, diffusers, transformers and the standard library.
 
+It follows `StableDiffusionPipeline`'s conventions, so diffusers' callbacks and APIs work unchanged:
+the call signature (custom `timesteps`/`sigmas`, `cross_attention_kwargs={"scale": s}` for the LoRA scale,
+`clip_skip`, `eta`), `encode_prompt`, and the per-call state a `callback_on_step_end` may read or change
+(`guidance_scale`, `do_classifier_free_guidance`, `num_timesteps`, `interrupt`). VAE slicing and tiling
+are the VAE's own `pipe.vae.enable_slicing()` / `enable_tiling()`.
+
 Beyond stock Stable Diffusion it handles U-Nets with a learned variance (Nichol & Dhariwal 2021),
 VAEs whose downsampling factor is not 8, and VAEs with a `shift_factor`.
 """
@@ -21,10 +27,12 @@ import shutil
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput, StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import logging
+from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -99,7 +107,12 @@ def _is_text(value):
     )
 
 
-class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+def _per_image(embeds, n, device, dtype):
+    """[B, L, D] -> [B · n, L, D], prompt-major (None stays None)."""
+    return None if embeds is None else embeds.to(device=device, dtype=dtype).repeat_interleave(n, dim=0)
+
+
+class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin):
     """Text-to-image latent diffusion: CLIP text encoder → conditional latent U-Net → KL-VAE decoder.
 
     Args:
@@ -114,6 +127,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _lora_loadable_modules = ["unet", "text_encoder"]  # pipe.load_lora_weights(dir), as in stock SD
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    # state of the current call (StableDiffusionPipeline's names); a step-end callback may change it
+    _guidance_scale, _guidance_rescale, _clip_skip, _cross_attention_kwargs = 1.0, 0.0, None, None
+    _num_timesteps, _interrupt = 0, False
 
     def __init__(
         self,
@@ -144,6 +160,37 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     def text_context_length(self):
         """Tokens per prompt: the tokenizer's model_max_length, bounded by the encoder's positions."""
         return min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+
+    # --- per-call state, as StableDiffusionPipeline exposes it ---------------------------------------
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self):
+        return self._guidance_rescale
+
+    @property
+    def do_classifier_free_guidance(self):
+        """s > 1: the unconditional pass runs. Read at every step (SDCFGCutoffCallback sets s = 0)."""
+        return self._guidance_scale > 1
+
+    @property
+    def clip_skip(self):
+        return self._clip_skip
+
+    @property
+    def cross_attention_kwargs(self):
+        return self._cross_attention_kwargs
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        """Set `pipe._interrupt = True` in a callback to skip the remaining steps (the latents so far decode)."""
+        return self._interrupt
 
     def save_pretrained(self, save_directory, **kwargs):
         """`DiffusionPipeline.save_pretrained` (safetensors only) plus a copy of this file.
@@ -203,6 +250,20 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         if not _is_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
             raise ValueError(f"`guidance_rescale`={guidance_rescale!r} must be in [0, 1].")
 
+    def _check_options(self, timesteps, sigmas, eta, cross_attention_kwargs, clip_skip):
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Pass at most one of `timesteps` and `sigmas`.")
+        if not _is_number(eta) or eta < 0:
+            raise ValueError(f"`eta`={eta!r} must be a finite number >= 0 (DDIM's η; 0 = deterministic).")
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+            raise ValueError("`cross_attention_kwargs` must be a dict, e.g. {'scale': 0.5} for the LoRA scale.")
+        scale = (cross_attention_kwargs or {}).get("scale")
+        if scale is not None and not _is_number(scale):
+            raise ValueError(f"`cross_attention_kwargs['scale']`={scale!r} must be a finite number (the LoRA scale).")
+        layers = self.text_encoder.config.num_hidden_layers if self.text_encoder is not None else math.inf
+        if clip_skip is not None and (not _is_int(clip_skip) or not 0 <= clip_skip < layers):
+            raise ValueError(f"`clip_skip`={clip_skip!r} must be an integer in [0, {layers}): layers skipped from the end.")
+
     def _check_run_inputs(self, shape, generator, latents, output_type, callback, callback_inputs):
         if isinstance(generator, list):
             if len(generator) != shape[0] or not all(isinstance(g, torch.Generator) for g in generator):
@@ -227,62 +288,96 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             raise ValueError("scheduler.config.variance_type is learned but the U-Net predicts no variance.")
 
     # --- text ----------------------------------------------------------------------------------------
-    def _encode_text(self, texts, device):
-        """Last hidden state of the text encoder, [len(texts), L, D], and how many tokens each text lost."""
+    def _encode_text(self, texts, device, clip_skip=None):
+        """Text-encoder states [len(texts), L, D] and how many tokens each text lost to the context length.
+
+        The last hidden state, or with `clip_skip` = k the one k layers earlier through the final LayerNorm
+        (stock SD's clip skip; a tower truncated by k layers gives the same numbers).
+        """
         length = self.text_context_length
         tokens = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         full_lengths = [len(ids) for ids in self.tokenizer(texts, verbose=False).input_ids]
         use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
         mask = tokens.attention_mask.to(device) if use_mask else None
-        embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        ids = tokens.input_ids.to(device)
+        if clip_skip is None:
+            embeds = self.text_encoder(ids, attention_mask=mask)[0]
+        else:  # transformers >= 5 dropped CLIPTextModel's `text_model` wrapper (stock SD still reads it)
+            hidden = self.text_encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            final_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+            embeds = final_norm(hidden[-(clip_skip + 1)])
         return embeds, [max(0, n - length) for n in full_lengths]
 
-    def _encode_distinct(self, texts, device):
+    def _encode_distinct(self, texts, device, clip_skip=None):
         """{name: [str]} → ({name: [len, L, D]}, {name: tokens each text lost}) from ONE text-encoder call
         over the distinct texts. The encoder treats every row on its own, so this changes no result."""
         unique = list(dict.fromkeys(t for batch in texts.values() for t in batch))
         if not unique:
             return {}, {}
-        embeds, lost = self._encode_text(unique, device)
+        embeds, lost = self._encode_text(unique, device, clip_skip)
         row = {t: i for i, t in enumerate(unique)}
         rows = {name: [row[t] for t in batch] for name, batch in texts.items()}
         return ({name: embeds[torch.tensor(r, device=embeds.device)] for name, r in rows.items()},
                 {name: [lost[i] for i in r] for name, r in rows.items()})
 
-    def encode_prompt(
-        self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance, per_prompt, device=None
-    ):
-        """Conditional and unconditional embeddings c, u, each [B · per_prompt, L, D]; u is None without guidance.
+    @contextlib.contextmanager
+    def _text_encoder_lora_scale(self, scale):
+        """Scale the text encoder's LoRA layers by `scale` for one encode, then restore them (as stock SD)."""
+        active = scale is not None and USE_PEFT_BACKEND and self.text_encoder is not None
+        if active:
+            scale_lora_layers(self.text_encoder, scale)
+        try:
+            yield
+        finally:
+            if active:
+                unscale_lora_layers(self.text_encoder, scale)
 
-        The negative prompt defaults to "" — the empty-prompt embedding that caption dropout trains for.
-        Prompts and negative prompts are encoded together, each distinct text once (the default "" is one
-        row, not one per prompt). Nothing is cached across calls: the text encoder may change in place
-        (fine-tuning; LoRA fusing writes through `.data`, which bumps no version counter).
+    def encode_prompt(
+        self,
+        prompt,
+        device=None,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        lora_scale=None,
+        clip_skip=None,
+    ):
+        """Conditional and unconditional embeddings c, u, each [B · n, L, D]; u is None without guidance.
+
+        `StableDiffusionPipeline.encode_prompt`'s signature and return value; it needs only the tokenizer and
+        the text encoder (the embeddings keep the text encoder's dtype, or the given embeddings'). The
+        negative prompt defaults to "" — the empty-prompt embedding that caption dropout trains for. Prompts
+        and negative prompts are encoded together, each distinct text once (the default "" is one row), so
+        `clip_skip` applies to the negative prompt too (stock SD encodes that one from the last layer).
+        `lora_scale` scales the text encoder's LoRA layers for this call. Nothing is cached across calls: the
+        text encoder may change in place (LoRA fusing writes through `.data`, which bumps no version counter).
         """
         device = device or self._execution_device
-        texts = {}
+        guided, texts = do_classifier_free_guidance, {}
         if prompt_embeds is None:
             texts["prompt"] = [prompt] if isinstance(prompt, str) else list(prompt)
-        if guidance and negative_prompt_embeds is None:
+        if guided and negative_prompt_embeds is None:
             negative = negative_prompt or ""
             batch = len(texts["prompt"]) if prompt_embeds is None else len(prompt_embeds)
             texts["negative_prompt"] = [negative] * batch if isinstance(negative, str) else list(negative)
-        encoded, cut = self._encode_distinct(texts, device)
+        if texts and (self.text_encoder is None or self.tokenizer is None):
+            raise ValueError("This pipeline has no text encoder: pass `prompt_embeds` (and `negative_prompt_embeds`).")
+        with self._text_encoder_lora_scale(lora_scale):
+            encoded, cut = self._encode_distinct(texts, device, clip_skip)
         prompt_embeds = encoded.get("prompt", prompt_embeds)
-        negative_prompt_embeds = encoded.get("negative_prompt", negative_prompt_embeds)
-        if guidance and negative_prompt_embeds.shape != prompt_embeds.shape:
+        negative_prompt_embeds = encoded.get("negative_prompt", negative_prompt_embeds) if guided else None
+        if guided and negative_prompt_embeds.shape != prompt_embeds.shape:
             raise ValueError(
                 f"`negative_prompt_embeds` (given or encoded from `negative_prompt`) has shape "
                 f"{tuple(negative_prompt_embeds.shape)}, the prompt embeddings {tuple(prompt_embeds.shape)}."
             )
         self._warn_truncated(cut)
-
-        dtype = self.unet.dtype  # ModelMixin.dtype walks every module: read it once
-
-        def expand(embeds):  # [B, L, D] -> [B · n, L, D], prompt-major
-            return embeds.to(device=device, dtype=dtype).repeat_interleave(per_prompt, dim=0)
-
-        return expand(prompt_embeds), expand(negative_prompt_embeds) if guidance else None
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else prompt_embeds.dtype
+        prompt_embeds = _per_image(prompt_embeds, num_images_per_prompt, device, dtype)
+        negative_prompt_embeds = _per_image(negative_prompt_embeds, num_images_per_prompt, device, dtype)
+        return prompt_embeds, negative_prompt_embeds  # one return of names: diffusers' harness parses it
 
     def _warn_truncated(self, cut):
         """One warning per call listing every text that lost tokens to the context length."""
@@ -300,13 +395,17 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
     def predict(self, latents, t, cond, uncond, guidance_scale, guidance_rescale, keep_variance):
-        """One guided U-Net evaluation: the mean part [B, C, h, w], or [mean, v] [B, 2C, h, w] if keep_variance."""
+        """One guided U-Net evaluation: the mean part [B, C, h, w], or [mean, v] [B, 2C, h, w] if keep_variance.
+
+        `uncond` None: no guidance (the conditional prediction alone).
+        """
         # 1. batch the unconditional and conditional passes into one U-Net call: [z; z] with [u; c]
         guided = uncond is not None
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
         context = torch.cat([uncond, cond]) if guided else cond
-        output = self.unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+        output = self.unet(model_input, t, encoder_hidden_states=context,
+                           cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
         # 2. split the mean part from the variance interpolation v (Nichol & Dhariwal 2021, Eq. 15);
         #    v is empty for a U-Net without learned variance
         channels = latents.shape[1]
@@ -321,25 +420,56 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         # 4. a variance-aware scheduler (DDPM learned/learned_range) gets [mean, v]; any other the mean
         return torch.cat([mean, v], dim=1) if keep_variance else mean
 
-    def _step_kwargs(self, generator):
-        """Pass `generator` to schedulers whose step draws noise (DDPM, ancestral samplers)."""
-        accepts = "generator" in inspect.signature(self.scheduler.step).parameters
-        return {"generator": generator} if accepts else {}
+    def _step_kwargs(self, generator, eta):
+        """`generator` for schedulers whose step draws noise (DDPM, ancestral samplers); `eta` for DDIM."""
+        accepts = inspect.signature(self.scheduler.step).parameters
+        return {k: v for k, v in (("generator", generator), ("eta", eta)) if k in accepts}
 
-    def denoise(self, state, guidance_scale, guidance_rescale, generator, callback, callback_inputs):
-        """Run the scheduler from z_T to z_0. `state` holds latents, prompt_embeds, negative_prompt_embeds."""
+    def _unconditional(self, state):
+        """u for this step, or None while guidance is off (a callback may switch it off, or back on)."""
+        if not self.do_classifier_free_guidance:
+            return None
+        if state["negative_prompt_embeds"] is None:
+            raise ValueError(
+                "A callback raised `_guidance_scale` above 1 in a call that started without guidance, so there are "
+                "no unconditional embeddings: start with guidance_scale > 1 (or pass `negative_prompt_embeds`)."
+            )
+        return state["negative_prompt_embeds"]
+
+    def _run_callback(self, callback, i, t, state, names):
+        """callback(pipe, i, t, {name: tensor}); the tensors it returns replace the state's."""
+        changes = callback(self, i, t, {k: state[k] for k in names}) or {}
+        state.update({k: changes[k] for k in self._callback_tensor_inputs if k in changes})
+        rows = state["latents"].shape[0]
+        for name in ("prompt_embeds", "negative_prompt_embeds"):
+            if state[name] is not None and state[name].shape[0] != rows:
+                raise ValueError(
+                    f"The step-end callback left `{name}` with {state[name].shape[0]} rows for {rows} latents. "
+                    f"(diffusers' SDCFGCutoffCallback keeps one row: it supports one image per call.)"
+                )
+
+    def denoise(self, state, generator, eta, callback, callback_inputs):
+        """Run the scheduler from z_T to z_0. `state` holds latents, prompt_embeds, negative_prompt_embeds.
+
+        Guidance, its rescale and the cross-attention kwargs are read from the pipeline at every step, so a
+        step-end callback may change them: diffusers' `SDCFGCutoffCallback` sets `_guidance_scale = 0` (the
+        following steps run the conditional pass only); `_interrupt = True` skips the remaining steps.
+        """
         keep_variance = self.learned_variance and scheduler_takes_variance(self.scheduler)
-        step_kwargs = self._step_kwargs(generator)
+        step_kwargs = self._step_kwargs(generator, eta)
         timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
         hide = contextlib.nullcontext() if keep_variance else hide_learned_variance(self.scheduler)
         with hide, self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
-                latents, cond, uncond = state["latents"], state["prompt_embeds"], state["negative_prompt_embeds"]
-                output = self.predict(latents, t, cond, uncond, guidance_scale, guidance_rescale, keep_variance)
+                if self.interrupt:
+                    continue
+                latents, cond, uncond = state["latents"], state["prompt_embeds"], self._unconditional(state)
+                output = self.predict(latents, t, cond, uncond, self.guidance_scale, self.guidance_rescale,
+                                      keep_variance)
                 state["latents"] = self.scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
                 if callback is not None:
-                    changes = callback(self, i, t, {k: state[k] for k in callback_inputs}) or {}
-                    state.update({k: changes[k] for k in self._callback_tensor_inputs if k in changes})
+                    self._run_callback(callback, i, t, state, callback_inputs)
                 progress.update()
         return state["latents"]
 
@@ -371,71 +501,92 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         images = images.cpu().permute(0, 2, 3, 1).float().numpy()
         return images if output_type == "np" else self.numpy_to_pil(images)
 
+    def _default_size(self, height, width):
+        """Pixels: the U-Net's sample_size · f where not given."""
+        f, size = self.vae_scale_factor, self.unet.config.sample_size
+        default_h, default_w = (size, size) if _is_int(size) else size
+        return (default_h * f if height is None else height), (default_w * f if width is None else width)
+
     @torch.no_grad()
     def __call__(
         self,
         prompt=None,
-        negative_prompt=None,
-        prompt_embeds=None,
-        negative_prompt_embeds=None,
         height=None,
         width=None,
         num_inference_steps=50,
+        timesteps=None,
+        sigmas=None,
         guidance_scale=5.0,
-        guidance_rescale=0.0,
+        negative_prompt=None,
         num_images_per_prompt=1,
+        eta=0.0,
         generator=None,
         latents=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
         output_type="pil",
         return_dict=True,
+        cross_attention_kwargs=None,
+        guidance_rescale=0.0,
+        clip_skip=None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
     ):
-        """Generate images from text.
+        """Generate images from text. The arguments, their order and their meaning are StableDiffusionPipeline's.
 
         Args:
             prompt: a str or list of str; or pass `prompt_embeds` [B, L, D] instead.
+            height, width: pixels, positive multiples of `vae_scale_factor`; default unet sample_size · f.
+            num_inference_steps: scheduler steps (ignored when `timesteps` or `sigmas` are given).
+            timesteps, sigmas: a custom schedule, for schedulers whose `set_timesteps` accepts one.
+            guidance_scale: s in ε̃ = ε_∅ + s (ε_c − ε_∅); s <= 1 skips the unconditional pass.
             negative_prompt: str (used for every prompt) or list of B str; default "" (the unconditional
                 embedding). Or `negative_prompt_embeds` with the shape of the prompt embeddings.
-            height, width: pixels, positive multiples of `vae_scale_factor`; default unet sample_size · f.
-            num_inference_steps: scheduler steps.
-            guidance_scale: s in ε̃ = ε_∅ + s (ε_c − ε_∅); s <= 1 skips the unconditional pass.
-            guidance_rescale: φ ∈ [0, 1] of Lin et al. 2023 (0 = off).
             num_images_per_prompt: images per prompt; the batch is ordered prompt-major.
+            eta: DDIM's η (schedulers without it ignore it).
             generator: a torch.Generator, or one per image (B · num_images_per_prompt) for per-image seeds.
             latents: noise [B · n, C, H/f, W/f] to start from (scaled by the scheduler's init_noise_sigma).
             output_type: "pil", "np" (float [0, 1], NHWC), "pt" (float [0, 1], NCHW) or "latent" (z_0).
             return_dict: `ImagePipelineOutput` if True, else the tuple `(images,)`.
-            callback_on_step_end: called as f(pipe, step_index, timestep, {name: tensor}) after every step;
-                it may return a dict replacing any of `latents`, `prompt_embeds`, `negative_prompt_embeds`.
-            callback_on_step_end_tensor_inputs: names passed to the callback, from `_callback_tensor_inputs`.
+            cross_attention_kwargs: passed to the U-Net's attention processors; its "scale" is the LoRA scale
+                of this call, for the U-Net and the text encoder (0 = the base model).
+            guidance_rescale: φ ∈ [0, 1] of Lin et al. 2023 (0 = off).
+            clip_skip: condition on the hidden state this many layers before the last (through the final LN).
+            callback_on_step_end: f(pipe, step_index, timestep, {name: tensor}) after every step, or a diffusers
+                `PipelineCallback`; it may return a dict replacing any of `latents`, `prompt_embeds` (c) and
+                `negative_prompt_embeds` (u), each [B · n, ...], and may set `pipe._guidance_scale` or
+                `pipe._interrupt`.
+            callback_on_step_end_tensor_inputs: names passed to the callback, from `_callback_tensor_inputs`
+                (a `PipelineCallback` brings its own `tensor_inputs`).
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         # 0. defaults and checks
-        f, size = self.vae_scale_factor, self.unet.config.sample_size
-        default_h, default_w = (size, size) if _is_int(size) else size
-        height = default_h * f if height is None else height
-        width = default_w * f if width is None else width
+        height, width = self._default_size(height, width)
         batch = self._check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         self._check_sampling_inputs(
             height, width, num_inference_steps, num_images_per_prompt, guidance_scale, guidance_rescale
         )
+        self._check_options(timesteps, sigmas, eta, cross_attention_kwargs, clip_skip)
+        f = self.vae_scale_factor
         shape = (batch * num_images_per_prompt, self.latent_channels, height // f, width // f)
         callback_inputs = list(callback_on_step_end_tensor_inputs)
         self._check_run_inputs(shape, generator, latents, output_type, callback_on_step_end, callback_inputs)
+        self._guidance_scale, self._guidance_rescale, self._clip_skip = guidance_scale, guidance_rescale, clip_skip
+        self._cross_attention_kwargs, self._interrupt = cross_attention_kwargs, False
         # 1. text embeddings c and u, each [B · n, L, D]; the device is looked up once (it walks every module)
-        device = self._execution_device
+        device, dtype = self._execution_device, self.unet.dtype
         cond, uncond = self.encode_prompt(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale > 1, num_images_per_prompt,
-            device,
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, (cross_attention_kwargs or {}).get("scale"), clip_skip,
         )
         # 2. timesteps, then z_T (a scheduler's σ_T may depend on its timesteps)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = self.prepare_latents(shape, generator, latents, device, cond.dtype)
-        state = {"latents": latents, "prompt_embeds": cond, "negative_prompt_embeds": uncond}
+        retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        latents = self.prepare_latents(shape, generator, latents, device, dtype)
+        state = {"latents": latents, "prompt_embeds": cond.to(dtype),
+                 "negative_prompt_embeds": None if uncond is None else uncond.to(dtype)}
         # 3. denoise z_T -> z_0
-        latents = self.denoise(
-            state, guidance_scale, guidance_rescale, generator, callback_on_step_end, callback_inputs
-        )
+        latents = self.denoise(state, generator, eta, callback_on_step_end, callback_inputs)
         # 4. decode and format
         images = latents if output_type == "latent" else self._format(self.decode_latents(latents), output_type)
         self.maybe_free_model_hooks()

@@ -216,7 +216,7 @@ def test_training_and_pipeline_embeddings_are_bit_identical(tiny_pipeline_dir):
     pipe = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     prompts = [TRICKY[0], TRICKY[-2], ""]  # an over-long prompt and the empty (unconditional) one
     with torch.no_grad():
-        inference, _ = pipe.encode_prompt(prompts, None, None, None, False, 1)
+        inference, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
     assert torch.equal(encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts, warn=False), inference)
 
 
