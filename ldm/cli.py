@@ -6,6 +6,7 @@ Heavy imports happen inside the commands, so ``ldm --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from ldm.entry import add_config_args, load_stage_config
 from ldm.errors import UserError
-from ldm.locations import LocationError, check_empty_or_new, local_or_hub
+from ldm.locations import LocationError, check_empty_or_new, check_writable, local_or_hub
 
 STAGES = {  # ldm train <name> -> (module in train/, config class in ldm.config)
     "vae": ("train.vae", "VAEStageConfig"),
@@ -67,6 +68,8 @@ def cmd_eval(args) -> None:
     if args.out is None and not isinstance(local_or_hub(args.model, "--model"), Path):
         raise LocationError(f"--model {args.model} is a Hub id: pass --out FILE.json for the metrics (the default "
                             f"is <model folder>/metrics/{args.kind}.json)")
+    check_writable(Path(args.out).parent if args.out else Path(args.model) / "metrics", "--out folder",
+                   "pass --out FILE.json in a folder you can write to")
     data = DataConfig(path=args.data, split=args.split, image_column=args.image_column,
                       caption_column=args.caption_column, resolution=args.resolution or 32)
     if args.kind == "vae":
@@ -206,9 +209,17 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, FileNotFoundError, FileExistsError, PermissionError) as err:
+    except Exception as err:
+        if not is_bad_input(err):
+            raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+def is_bad_input(err: BaseException) -> bool:
+    """Errors whose message is the whole story: bad input, or a path that is missing, taken or unwritable."""
+    return isinstance(err, (UserError, FileNotFoundError, FileExistsError, PermissionError)) or (
+        isinstance(err, OSError) and err.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT))
 
 
 if __name__ == "__main__":

@@ -60,13 +60,19 @@ def _divides(key: str, channels: tuple[int, ...], groups: int, groups_key: str) 
     _check(not bad, key, f"{list(bad)} not divisible by {groups_key}={groups}")
 
 
-def _check_output_dir(output_dir: str, data: "DataConfig") -> None:
-    """A stage writes checkpoints, samples and logs under output_dir: never into the training data."""
+def _check_output_dir(output_dir: str, data: "DataConfig", inputs: dict[str, str | None] | None = None) -> None:
+    """A stage writes (and ``train.resume=never`` moves) everything under output_dir: it must not overlap
+    the data or any folder the stage reads (``inputs``: key -> local path or Hub id)."""
     _check(bool(output_dir.strip()), "output_dir", "must not be empty (it would write into the current folder)")
-    out, images = Path(output_dir).expanduser().resolve(), Path(data.path).expanduser().resolve()
-    _check(not data.path or not images.is_dir() or not out.is_relative_to(images), "output_dir",
-           f"{output_dir} is inside data.path {data.path}: the next run would read its sample grids as training "
-           f"images; choose an output_dir outside the data folder")
+    out = Path(output_dir).expanduser().resolve()
+    for key, value in {"data.path": data.path, **(inputs or {})}.items():
+        source = Path(value).expanduser().resolve() if value else None
+        if source is None or not source.exists():
+            continue  # a Hub id, or a path whose absence is reported where it is read
+        _check(not (out.is_relative_to(source) or source.is_relative_to(out)), "output_dir",
+               f"{output_dir} overlaps {key} {value}: a run writes its checkpoints, samples and final folder under "
+               f"output_dir (and --resume never moves them aside), so keep what it reads outside output_dir and "
+               f"output_dir outside it")
 
 
 def _check_map_style(data: "DataConfig", stage: str) -> None:
@@ -441,7 +447,9 @@ class UNetStageConfig:
     push: PushConfig = PushConfig()
 
     def __post_init__(self):
-        _check_output_dir(self.output_dir, self.data)
+        _check_output_dir(self.output_dir, self.data, {"pretrained": self.pretrained, "vae": self.vae,
+                                                       "text_encoder": self.text_encoder,
+                                                       "validation.data": self.validation.data})
         for key in ("pretrained", "vae", "text_encoder"):
             value = getattr(self, key)
             _check(value is None or bool(value.strip()), key, "must be a folder, a Hub id or null")

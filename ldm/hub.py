@@ -27,7 +27,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from ldm.checkpoint import atomic_folder
-from ldm.locations import LocationError, check_repo_id, check_revision
+from ldm.locations import LocationError, check_repo_id, check_revision, check_writable
 
 logger = logging.getLogger(__name__)
 PIPELINE_FILE = "pipeline_latent_diffusion.py"
@@ -37,7 +37,8 @@ CARD_TAG = "diffusers-ldm"
 ALLOW = ("model_index.json", PIPELINE_FILE, LORA_FILE, "training.json", "samples.png",
          "{component}/config.json", "{component}/*.safetensors", "{component}/*.safetensors.index.json",
          "scheduler/scheduler_config.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
-         "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json")
+         "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+         "open_clip/open_clip_config.json", "open_clip/open_clip_model.safetensors")  # stage-0 CLIP: FD/KID features
 
 
 def allowed(relative: str, components: frozenset[str] = frozenset()) -> bool:
@@ -84,6 +85,8 @@ def assemble_release(model: str | Path, out: str | Path | None = None, repo_id: 
                                 f"({LORA_FILE}); {hint}")
     out = Path(out) if out else model.parent / f"{model.name}-release"
     refuse_foreign_folder(out)
+    check_writable(out.parent, "the release folder's parent", "copy the model somewhere writable, or push without "
+                   "--dry-run (a real push assembles the release in a temporary folder)")
     components = pipeline_components(model)
     files = sorted(p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file())
     with atomic_folder(out) as tmp:
@@ -187,6 +190,8 @@ def _metric_rows(metrics: dict) -> list[tuple[str, str]]:
         for key, value in (values.items() if isinstance(values, dict) else ()):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 rows.append((f"{kind} / {key}", f"{value:.4g}"))
+            elif key == "features" and isinstance(value, str):  # the feature space of FD, KID and CLIP score
+                rows.append((f"{kind} / feature space", value))
     return rows
 
 

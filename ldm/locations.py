@@ -11,6 +11,7 @@ anything else must be a valid Hub id (``huggingface_hub``'s own rules), or the e
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 from ldm.errors import UserError
@@ -76,3 +77,27 @@ def check_empty_or_new(folder: str | Path, key: str) -> Path:
         raise FileExistsError(f"{key} {folder} already exists and is not empty; choose a new folder (nothing in it "
                               f"was changed)")
     return path
+
+
+def check_writable(folder: str | Path, key: str, fix: str = "choose another one") -> Path:
+    """``folder``, created if needed, after proving a file can be written in it (before any slow work)."""
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".ldm-write-test-"):
+            pass
+    except OSError as err:
+        raise LocationError(f"{key} {folder} is not a folder this process can write to ({err.strerror or err}); "
+                            f"{fix}") from None
+    return path
+
+
+def model_location(value: str, key: str, marker: str | None, what: str) -> Path | str:
+    """``local_or_hub``, and a local folder must hold ``marker`` (e.g. model_index.json): when it does not,
+    the error says what the folder lacks and, for a stage's output_dir, points at its ``final/``."""
+    location = local_or_hub(value, key)
+    if isinstance(location, Path) and marker and not (location / marker).is_file():
+        hint = (f"; did you mean {location / 'final'}?" if (location / "final" / marker).is_file() else
+                f"; pass the {what} folder a stage saved (<output_dir>/final)")
+        raise FileNotFoundError(f"{key} {value} is not a {what} folder (no {marker}){hint}")
+    return location

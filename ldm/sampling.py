@@ -12,7 +12,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        UniPCMultistepScheduler)
 
 from ldm.hub import LORA_FILE
-from ldm.locations import local_or_hub, not_found_here_or_on_hub
+from ldm.locations import LocationError, check_writable, local_or_hub, model_location, not_found_here_or_on_hub
 from ldm.training import to_pil_grid
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 
@@ -34,6 +34,13 @@ def make_scheduler(name: str, config):
     return cls.from_config(config, **extra)
 
 
+def check_image_path(out: Path, key: str) -> None:
+    """An image file name PIL can write, not a folder: checked before the (slow) pipeline loads."""
+    if out.is_dir() or out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise LocationError(f"{key} {out} must be an image file name ending in .png, .jpg or .webp (an existing "
+                            f"file of that name is replaced)")
+
+
 def load_pipeline(model: str | Path, device: str | torch.device | None = None,
                   dtype: torch.dtype = torch.float32, scheduler: str | None = None) -> LatentDiffusionPipeline:
     """A ``LatentDiffusionPipeline`` from a saved folder or Hub id, optionally with another sampler.
@@ -46,8 +53,7 @@ def load_pipeline(model: str | Path, device: str | torch.device | None = None,
         pipe = _from_pretrained(lora_base_model(location), "the base_model of " + str(location), dtype)
         pipe.load_lora_weights(str(location))
     else:
-        if isinstance(location, Path):
-            check_pipeline_folder(location)
+        model_location(str(model), "--model", "model_index.json", "pipeline")
         pipe = _from_pretrained(location, "--model", dtype)
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
@@ -57,15 +63,6 @@ def load_pipeline(model: str | Path, device: str | torch.device | None = None,
 
 def is_lora_folder(folder: Path) -> bool:
     return (folder / LORA_FILE).exists() and not (folder / "model_index.json").exists()
-
-
-def check_pipeline_folder(folder: Path) -> None:
-    """A local ``--model`` must be a saved pipeline: say which folder to use when it is not."""
-    if (folder / "model_index.json").is_file():
-        return
-    hint = (f"; did you mean {folder / 'final'}?" if (folder / "final" / "model_index.json").is_file() else
-            "; pass the pipeline folder stage 2 saved (<output_dir>/final)")
-    raise FileNotFoundError(f"--model {folder} is not a pipeline folder (no model_index.json){hint}")
 
 
 def lora_base_model(folder: Path) -> str | Path:
@@ -110,6 +107,8 @@ def sample_to_files(model: str, prompts: list[str], negative_prompt: str | None 
     """``ldm sample``: write a PNG grid (and optionally each image) for the prompts."""
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    check_image_path(Path(out), "--out")
+    check_writable(Path(out).parent, "--out folder")
     pipe = load_pipeline(model, scheduler=scheduler)
     images, grid = sample_grid(pipe, prompts, num_images, steps, guidance, seed, negative_prompt)
     out = Path(out)

@@ -26,6 +26,7 @@ from PIL import Image
 
 from ldm import checkpoint as ckpt
 from ldm.config import TrainConfig, to_dict
+from ldm.locations import check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def make_accelerator(output_dir: str, train: TrainConfig, config=None) -> Accele
     """An Accelerator for ``train.mixed_precision`` with TensorBoard logs in ``<output_dir>/logs``."""
     if train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 (works on CPU) or no")
+    check_writable(output_dir, "output_dir")
     project = ProjectConfiguration(project_dir=output_dir, logging_dir=str(Path(output_dir) / "logs"))
     # Stages may run one after another in one process (ldm demo, tests) with other precisions:
     # forget the previous stage's settings but keep the process group.

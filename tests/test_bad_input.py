@@ -306,7 +306,7 @@ def test_bad_values_name_the_key(cls, override, message):
 
 
 def test_output_dir_inside_the_data_folder_is_refused(shapes16):
-    with pytest.raises(ConfigError, match="output_dir .* is inside data.path"):
+    with pytest.raises(ConfigError, match="output_dir .* overlaps data.path"):
         load_config(VAEStageConfig, None, [f"data.path={shapes16}", f"output_dir={shapes16 / 'runs'}"])
 
 
@@ -353,6 +353,43 @@ def test_relative_data_path_that_does_not_exist(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="data.path .*empty: cannot read it"):
         load_records(DataConfig(path="empty"))
+
+
+def test_stage_inputs_name_the_wrong_folder(tiny_vae_dir, tiny_text_dir, tmp_path):
+    from ldm.models.unet import load_components
+
+    (tmp_path / "vae_run" / "final").mkdir(parents=True)
+    shutil.copy(tiny_vae_dir / "config.json", tmp_path / "vae_run" / "final" / "config.json")
+    cases = [([f"vae={tmp_path / 'nope'}", f"text_encoder={tiny_text_dir}"], r"vae .*nope: this folder does not exist"),
+             ([f"vae={tmp_path / 'vae_run'}", f"text_encoder={tiny_text_dir}"],
+              r"vae .*vae_run is not a VAE folder \(no config.json\); did you mean .*vae_run/final\?"),
+             ([f"pretrained={tmp_path / 'vae_run'}"], r"pretrained .* is not a pipeline folder \(no model_index.json\)")]
+    for overrides, message in cases:
+        with pytest.raises(FileNotFoundError, match=message):
+            load_components(load_config(UNetStageConfig, None, overrides + [f"output_dir={tmp_path / 'out'}"]))
+    with pytest.raises(ConfigError, match="output_dir .* overlaps vae"):
+        load_config(UNetStageConfig, None, [f"vae={tiny_vae_dir}", f"output_dir={tiny_vae_dir.parent}"])
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys):
+    from ldm.locations import check_writable
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LocationError, match="output_dir .*file/out is not a folder this process can write to"):
+        check_writable(tmp_path / "file" / "out", "output_dir")
+    for out in (str(tmp_path), str(tmp_path / "grid")):  # a folder, or no image suffix
+        with pytest.raises(SystemExit):
+            cli(["sample", "--model", "/nonexistent", "--prompt", "x", "--out", out])
+        assert "must be an image file name" in capsys.readouterr().err
+
+
+def test_cache_dir_that_is_not_a_cache_is_never_replaced(tmp_path):
+    from ldm.data.cache import build_cache
+
+    (tmp_path / "mine.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not a latent cache"):
+        build_cache(tmp_path, dataset=None, fp={}, encode_images=None, encode_texts=None)
+    assert (tmp_path / "mine.txt").read_text() == "mine"
 
 
 def test_eval_of_a_hub_id_needs_out_and_data_writes_only_new_folders(tmp_path, capsys):

@@ -81,6 +81,9 @@ def build_cache(folder: str | Path, dataset: ImageCaptionDataset, fp: dict,
         return folder
     if (folder / "manifest.json").exists():
         logger.info("latent cache %s was made by other models or data: rebuilding", folder)
+    elif folder.exists() and (not folder.is_dir() or any(folder.iterdir())):  # rebuilding replaces the folder
+        raise FileExistsError(f"cache folder {folder} exists and is not a latent cache (no manifest.json); set "
+                              f"cache.dir to a new or empty folder (nothing in {folder} was changed)")
     with atomic_folder(folder) as tmp:
         shards = []
         for group in dataset.groups():

@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 
 from ldm.config import DiffusionConfig, LoRAConfig, UNetModelConfig, UNetStageConfig
+from ldm.locations import model_location
 from ldm.models.text import load_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,10 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
 
 def load_components(cfg: UNetStageConfig) -> Components:
     """Frozen VAE and text encoder, the U-Net to train and its schedule (new, or from ``cfg.pretrained``)."""
+    for key, marker, what in (("pretrained", "model_index.json", "pipeline"), ("vae", "config.json", "VAE"),
+                              ("text_encoder", None, "text encoder")):
+        if getattr(cfg, key) and (key == "pretrained" or not cfg.pretrained):
+            model_location(getattr(cfg, key), key, marker, what)  # a clear error for a wrong folder or id
     if cfg.pretrained:
         src = cfg.pretrained
         vae = AutoencoderKL.from_pretrained(src, subfolder="vae")
