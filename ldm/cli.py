@@ -52,6 +52,14 @@ def cmd_train(args) -> None:
     importlib.import_module(module_name).main(cfg)
 
 
+def cmd_train_all(args) -> None:
+    from ldm.recipe import run_recipe
+
+    run_recipe(args.data, args.out, preset=args.preset, text_encoder=args.text_encoder, overrides=args.overrides,
+               heldout=args.heldout, seed=args.seed, clip=args.clip, eval_images=args.eval_images,
+               caption_column=args.caption_column, image_column=args.image_column)
+
+
 def cmd_sample(args) -> None:
     from ldm.sampling import sample_to_files
 
@@ -138,10 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0, help="shapes only")
     data.set_defaults(func=cmd_data)
 
-    train = sub.add_parser("train", help="train a stage (same as accelerate launch -m train.<stage>)")
-    train.add_argument("stage", choices=list(STAGES))
-    add_config_args(train)
-    train.set_defaults(func=cmd_train)
+    train = sub.add_parser("train", help="train a stage (same as accelerate launch -m train.<stage>), or all")
+    stages = train.add_subparsers(dest="stage", required=True)
+    for name in STAGES:
+        stage = stages.add_parser(name, help=f"train stage {name} from a YAML config")
+        add_config_args(stage)
+        stage.set_defaults(func=cmd_train)
+    add_train_all_args(stages.add_parser("all", help="every stage on your own captioned images, with a preset"))
 
     sample = sub.add_parser("sample", help="generate a PNG grid from a saved pipeline")
     sample.add_argument("--model", required=True, help="pipeline folder or Hub id")
@@ -200,6 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
     ema.add_argument("--num", type=int, default=None, help="held-out examples for --sweep (default: as trained)")
     ema.set_defaults(func=cmd_ema)
     return parser
+
+
+def add_train_all_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="your imagefolder with metadata.jsonl (or a dataset name); "
+                        "only read: the split is written to OUT/data")
+    parser.add_argument("--out", required=True, help="everything goes here; rerun to continue")
+    parser.add_argument("--preset", default="cpu", choices=["cpu", "gpu-256", "gpu-512"],
+                        help="stage configs from configs/presets/<preset>/")
+    parser.add_argument("--text-encoder", default="train", metavar="train|PATH_OR_HUB_ID",
+                        help="train stage 0 (default) or use this pretrained CLIPTextModel folder / Hub id")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                        help="override a key of one stage, e.g. --set vae.train.max_steps=100 (repeatable)")
+    parser.add_argument("--heldout", type=float, default=0.15,
+                        help="held-out pairs: a fraction (below 1, at most 1,000 pairs) or a count (default 0.15)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    parser.add_argument("--clip", default=None, metavar="MODEL_NAME:PRETRAINED_PATH",
+                        help="open_clip model for FD/KID/CLIP score (default: the stage-0 CLIP)")
+    parser.add_argument("--eval-images", type=int, default=None,
+                        help="held-out pairs the metrics use (default all, at most 1,000)")
+    parser.add_argument("--caption-column", default="text")
+    parser.add_argument("--image-column", default="image")
+    parser.set_defaults(func=cmd_train_all)
 
 
 def main(argv: list[str] | None = None) -> None:

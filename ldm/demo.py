@@ -3,26 +3,19 @@
     data -> stage 1 VAE -> stage 0 text encoder -> stage 2 U-Net -> sample grid -> metrics
 
 Each stage reads the previous stage's saved folder and uses the YAML config in ``configs/``, so
-the demo is exactly what a user would run by hand. Rerunning it continues where it stopped.
+the demo is exactly what a user would run by hand; the chain is ``ldm train all``'s
+(``ldm.recipe``). Rerunning it continues where it stopped.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import multiprocessing
-import os
-import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable
 
-from ldm.checkpoint import atomic_folder
-from ldm.config import (DataConfig, TextEncoderStageConfig, UNetStageConfig, VAEStageConfig, load_config)
+from ldm.config import DataConfig
 from ldm.data.shapes import write_shapes_dataset
 
-logger = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPTS = ["a large red circle in the center on a gray background",
            "a large blue square in the center on a white background",
@@ -40,62 +33,29 @@ QUICK_OVERRIDES = ["train.max_steps=2", "train.batch_size=16", "train.checkpoint
 
 
 def run_demo(out: str | Path = "demo", quick: bool = False) -> dict:
-    """Train every stage into ``out`` and return the metrics summary (also ``out/metrics.json``)."""
-    from train import text_encoder as stage0, unet as stage2, vae as stage1
+    """Train every stage into ``out`` and return the metrics summary (also ``out/metrics.json``).
+
+    The stage chain is ``ldm train all``'s (``ldm.recipe.train_chain``) with the shapes configs; the
+    data (seeded shapes, no split needed) and the metrics (the shapes judge) are the demo's own.
+    """
+    from ldm.recipe import stage_configs, train_chain
 
     start, sizes = time.time(), QUICK if quick else FULL
     out = Path(out)
     extra = {stage: QUICK_OVERRIDES if quick else DEMO_OVERRIDES.get(stage, [])
              for stage in ("vae", "text_encoder", "unet")}
+    quick_only = {"vae": ["calibration_samples=16"], "text_encoder": ["eval_samples=16"],
+                  "unet": ["validation.every=2"]}
+    overrides = {stage: [*extra[stage], *(quick_only[stage] if quick else [])] for stage in extra}
     train_dir, heldout = make_data(out, sizes)
-    vae, text = run_side_by_side(
-        (stage1.main, _config(VAEStageConfig, "vae", [f"data.path={train_dir}", f"output_dir={out / 'vae'}",
-                                                     *extra["vae"], *(["calibration_samples=16"] if quick else [])])),
-        (stage0.main, _config(TextEncoderStageConfig, "text_encoder",
-                              [f"data.path={train_dir}", f"output_dir={out / 'text_encoder'}", *extra["text_encoder"],
-                               *(["eval_samples=16"] if quick else [])])))
-    final = stage2.main(_config(UNetStageConfig, "unet",
-                                [f"data.path={train_dir}", f"output_dir={out / 'unet'}", f"vae={vae}",
-                                 f"text_encoder={text}", *extra["unet"], *(["validation.every=2"] if quick else [])]))
-    pipeline = out / "pipeline"
-    with atomic_folder(pipeline) as tmp:
-        shutil.copytree(final, tmp, dirs_exist_ok=True)
+    configs = stage_configs(CONFIGS, {stage: f"{stage}/shapes.yaml" for stage in extra})
+    vae, text, pipeline = train_chain(out, train_dir, configs, overrides)
     grid = sample_demo_grid(pipeline, out / "samples.png")
     metrics = measure(out, vae, text, pipeline, heldout, sizes["judge_prompts"])
     metrics["minutes"] = round((time.time() - start) / 60, 2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report(out, train_dir, heldout, vae, text, pipeline, grid, metrics)
     return metrics
-
-
-def run_side_by_side(*jobs: tuple[Callable, object]) -> list:
-    """``[fn(cfg) for fn, cfg in jobs]``, but on a CPU-only machine each job runs in its own process
-    on an equal share of the cores: stages 1 and 0 do not depend on each other, and two small models
-    on one core each train faster than one after the other on all cores. Progress bars are off in
-    the workers (their log lines still print); a failure in either job is raised here."""
-    import torch
-
-    if torch.cuda.is_available() or len(jobs) < 2:
-        return [fn(cfg) for fn, cfg in jobs]
-    threads = max(1, (os.cpu_count() or 1) // len(jobs))
-    logger.info("training %s side by side, %d thread(s) each", " and ".join(fn.__module__ for fn, _ in jobs), threads)
-    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_setup, initargs=(threads,)) as pool:
-        futures = [pool.submit(fn, cfg) for fn, cfg in jobs]
-        return [future.result() for future in futures]
-
-
-def _worker_setup(threads: int) -> None:
-    """Runs in each worker before the stage module is imported: no progress bars, ``threads`` threads."""
-    import torch
-    import tqdm.auto
-
-    class QuietBar(tqdm.auto.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **(kwargs | {"disable": True}))
-
-    tqdm.auto.tqdm = QuietBar  # two bars from two processes would overwrite each other's line
-    torch.set_num_threads(threads)
 
 
 def make_data(out: Path, sizes: dict) -> tuple[Path, Path]:
@@ -147,10 +107,3 @@ def report(out, train_dir, heldout, vae, text, pipeline, grid, metrics) -> None:
     ]
     print("\n".join(lines))
 
-
-def _config(cls, stage: str, overrides: list[str]):
-    path = CONFIGS / stage / "shapes.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: `ldm demo` reads the configs/ folder of a source checkout "
-                                f"(pip install -e .)")
-    return load_config(cls, path, overrides)

@@ -1,0 +1,120 @@
+"""A seeded held-out split of a user's data, written as two imagefolders; the source is only read.
+
+    split_heldout("my_images", "OUT/data", heldout=0.15, seed=0)
+    -> OUT/data/train/, OUT/data/heldout/   images (copied) + metadata.jsonl (file_name, text, other columns)
+       OUT/data/split.json                  what was split: source, sizes, seed, held-out indices
+
+Which examples are held out is a pure function of (number of examples, count, seed): a
+permutation from ``numpy.random.default_rng(seed)``; the first ``count`` of it are held out.
+Any source ``ldm.data.images.load_records`` reads works (imagefolder, webdataset shards, a dataset
+name). Rerunning with the same source and arguments reuses the split; other arguments are an error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ldm.checkpoint import atomic_folder
+from ldm.config import DataConfig
+
+logger = logging.getLogger(__name__)
+MIN_HELDOUT = 4  # FD and KID compare two halves of at least 2 pairs each
+
+
+def heldout_count(total: int, heldout: float, max_fraction_count: int | None = None) -> int:
+    """``heldout`` < 1 is a fraction of ``total`` (rounded, at most ``max_fraction_count``); >= 1 a count."""
+    if heldout <= 0:
+        raise ValueError(f"--heldout must be > 0 (a fraction below 1 or a count), got {heldout}")
+    if heldout < 1:
+        count = round(heldout * total)
+        count = min(count, max_fraction_count) if max_fraction_count else count
+    else:
+        if heldout != int(heldout):
+            raise ValueError(f"--heldout {heldout}: a count must be a whole number")
+        count = int(heldout)
+    if count < MIN_HELDOUT or count > total - 1:
+        raise ValueError(f"holding out {count} of {total} examples leaves too few on one side: hold out at least "
+                         f"{MIN_HELDOUT} and keep at least 1 for training (set --heldout)")
+    return count
+
+
+def split_heldout(source: str | Path, root: str | Path, heldout: float = 0.15, seed: int = 0,
+                  caption_column: str = "text", image_column: str = "image",
+                  max_fraction_count: int | None = None) -> tuple[Path, Path]:
+    """Write ``root/train`` and ``root/heldout`` (imagefolders with a ``text`` caption column) once."""
+    from ldm.data.images import check_captions, load_records
+
+    root = Path(root)
+    data = DataConfig(path=str(source), caption_column=caption_column, image_column=image_column)
+    records = load_records(data, streaming=False)
+    check_captions(records, data)
+    count = heldout_count(len(records), heldout, max_fraction_count)
+    order = np.random.default_rng(seed).permutation(len(records))
+    held, train = sorted(order[:count].tolist()), sorted(order[count:].tolist())
+    origin = str(Path(source).resolve()) if Path(source).exists() else str(source)
+    plan = {"source": origin, "examples": len(records), "seed": seed, "train": len(train), "heldout": count,
+            "heldout_indices": held}
+    marker = root / "split.json"
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done != plan:
+            raise ValueError(f"{root} holds a split of {done['source']} ({done['examples']} examples, "
+                             f"{done['heldout']} held out, seed {done['seed']}); this run asks for {origin} "
+                             f"({len(records)} examples, {count} held out, seed {seed}): use another --out")
+        return root / "train", root / "heldout"
+    with atomic_folder(root) as tmp:
+        for name, indices in (("train", train), ("heldout", held)):
+            write_subset(records, indices, tmp / name, data)
+        (tmp / "split.json").write_text(json.dumps(plan))
+    logger.info("split %s: %d for training, %d held out (seed %d) -> %s", origin, len(train), count, seed, root)
+    return root / "train", root / "heldout"
+
+
+def write_subset(records, indices: list[int], folder: Path, data: DataConfig) -> None:
+    """Copy the images of ``indices`` into ``folder`` with a metadata.jsonl (caption column -> ``text``)."""
+    folder.mkdir(parents=True)
+    width = max(5, len(str(len(records))))
+    with open(folder / "metadata.jsonl", "w") as meta:
+        for index in tqdm(indices, desc=f"writing {folder.name}", leave=False):
+            row = records[index]
+            name = f"{index:0{width}d}{copy_image(row[data.image_column], folder / f'{index:0{width}d}')}"
+            extra = {k: v for k, v in row.items() if k not in (data.image_column, data.caption_column, "file_name",
+                                                                 "text") and _plain(v)}
+            meta.write(json.dumps({"file_name": name, "text": str(row[data.caption_column]), **extra}) + "\n")
+
+
+def copy_image(value, stem: Path) -> str:
+    """Write one undecoded image (a path, bytes, or a dict with either) to ``stem`` + its suffix; return the suffix."""
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, Path)) else None
+    raw = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes) else None
+    if raw is None and path and Path(path).is_file():
+        suffix = Path(path).suffix.lower() or ".png"
+        shutil.copyfile(path, stem.with_suffix(suffix))
+        return suffix
+    if raw is not None:
+        try:
+            kind = (Image.open(io.BytesIO(raw)).format or "png").lower()
+        except Exception:  # an unreadable image is copied as it is; the stages skip and name it
+            kind = "png"
+        suffix = {"jpeg": ".jpg"}.get(kind, f".{kind}")
+        stem.with_suffix(suffix).write_bytes(raw)
+        return suffix
+    if isinstance(value, Image.Image):
+        value.save(stem.with_suffix(".png"))
+        return ".png"
+    raise ValueError(f"cannot copy an image from {type(value).__name__} {str(value)[:80]!r}")
+
+
+def _plain(value) -> bool:
+    """JSON scalars (and lists of them) are kept as metadata columns; anything else is dropped."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
