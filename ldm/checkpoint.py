@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -34,14 +35,48 @@ from safetensors.torch import load_file, save_file
 
 from ldm.errors import UserError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock
+    fcntl = None
+
 logger = logging.getLogger(__name__)
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MARKER = "COMPLETE"
 PREVIOUS = "previous"  # <output_dir>/previous/<date-time>/: earlier runs set aside by train.resume=never
+LOCK = ".lock"  # <output_dir>/.lock: held (flock) by the run writing there
+_held_locks: dict[Path, int] = {}
 
 
 class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint does not fit this run (architecture); the message says which and what to do."""
+
+
+class OutputDirInUseError(UserError, RuntimeError):
+    """Another run is writing to the same output_dir."""
+
+
+def lock_output_dir(output_dir: str | Path) -> None:
+    """One run per output_dir: an exclusive ``flock`` on ``<output_dir>/.lock``, held until this process exits.
+
+    Two runs writing one folder would replace and rotate away each other's checkpoints. The lock is
+    re-entrant within a process (stages run one after another in tests and the demo) and released by
+    the kernel when the process ends, however it ends.
+    """
+    root = Path(output_dir).resolve()
+    if fcntl is None or root in _held_locks:
+        return
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise OutputDirInUseError(f"output_dir {output_dir} is in use by another run ({holder}); wait for it to "
+                                  f"finish or choose another output_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    _held_locks[root] = fd
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,10 +145,10 @@ def set_aside_previous_run(output_dir: str | Path) -> Path | None:
     """``train.resume=never``: move what an earlier run left in ``output_dir`` into ``previous/<date-time>/``.
 
     Everything moves (checkpoints, final, samples, logs, ...) except ``cache/`` (fingerprinted, reused only
-    when it matches) and ``previous/`` itself: the new run starts clean, and nothing is deleted.
+    when it matches), ``previous/`` itself and the run lock: the new run starts clean, nothing is deleted.
     """
     root = Path(output_dir)
-    keep = {"cache", PREVIOUS}
+    keep = {"cache", PREVIOUS, LOCK}
     entries = sorted(p for p in root.iterdir() if p.name not in keep) if root.is_dir() else []
     if not entries:
         return None

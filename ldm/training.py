@@ -55,6 +55,8 @@ def make_accelerator(output_dir: str, train: TrainConfig, config=None) -> Accele
         raise RuntimeError(f"launched as {world} processes but accelerate initialised a single one; on CPU set "
                            f"ACCELERATE_USE_CPU=1 (torchrun) so the processes train together")
     setup_logging(accelerator)
+    if accelerator.is_main_process:
+        ckpt.lock_output_dir(output_dir)
     if train.resume == "never" and accelerator.is_main_process:  # before the logs of this run are opened
         ckpt.set_aside_previous_run(output_dir)
     accelerator.wait_for_everyone()

@@ -78,6 +78,23 @@ def _complete(root, step):
     return root / f"checkpoint-{step}"
 
 
+def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path):
+    import fcntl
+    import os
+
+    other = os.open(tmp_path / ckpt.LOCK, os.O_RDWR | os.O_CREAT)  # another run holds the lock
+    os.write(other, b"pid 12345 on elsewhere")
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(ckpt.OutputDirInUseError, match=r"in use by another run \(pid 12345 on elsewhere\)"):
+            ckpt.lock_output_dir(tmp_path)
+    finally:
+        os.close(other)
+    ckpt.lock_output_dir(tmp_path)  # free now; and re-entrant within one process
+    ckpt.lock_output_dir(tmp_path)
+    assert ckpt.set_aside_previous_run(tmp_path) is None  # the lock file is not a previous run
+
+
 def test_resume_path_refuses_to_overwrite_later_or_other_checkpoints(tmp_path):
     run = tmp_path / "run"
     for step in (2, 4):
