@@ -160,7 +160,8 @@ def run_recipe(data: str, out: str | Path, preset: str = "cpu", text_encoder: st
     train_dir, heldout_dir = split_heldout(data, out / "data", heldout, seed, caption_column, image_column,
                                            max_fraction_count=MAX_HELDOUT)
     captions = heldout_captions(heldout_dir)
-    per_stage["unet"] = [f"validation.prompts={json.dumps(captions[:4])}"] + per_stage["unet"]
+    per_stage["unet"] = [f"validation.prompts={json.dumps(captions[:4])}", f"validation.data={heldout_dir}",
+                         *per_stage["unet"]]
     vae, text, pipeline = train_chain(out, train_dir, configs, per_stage, text_encoder)
     grid = sample_heldout_grid(pipeline, captions[:GRID_PROMPTS], out / "samples.png")
     metrics = measure(out, vae, text if text_encoder == "train" else None, pipeline, heldout_dir, clip, eval_images)

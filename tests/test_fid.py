@@ -155,5 +155,5 @@ def test_eval_pipeline_without_a_clip_says_so_and_reports_the_rest(tiny_pipeline
     metrics = json.loads(out.read_text())
     assert metrics["features"].startswith("none") and "--clip" in metrics["features"] and "fd" not in metrics
     assert metrics["data_kind"] == "shapes" and metrics["judge"]["num_images"] == 6
-    assert 0 <= metrics["judge_accuracy"] <= 1 and metrics["bits_per_dim"] > 0
+    assert 0 <= metrics["judge_accuracy"] <= 1 and metrics["bits_per_dim"] > 0 and metrics["heldout_loss"] > 0
     assert "features        none" in capsys.readouterr().out

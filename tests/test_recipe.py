@@ -129,7 +129,9 @@ def test_train_all_runs_end_to_end_and_a_rerun_reuses_every_stage(digits40, tiny
     assert pipeline["features"].startswith("CLIP image tower (") and f"/{clip.parent.name}/clip), 16-d" in \
         pipeline["features"]
     assert pipeline["images_per_set"] == 4 and pipeline["fd"] >= 0 and 0 <= pipeline["classifier_accuracy"] <= 1
-    assert {"kid", "clip_score", "clip_score_real", "fd_real_halves", "bits_per_dim"} <= set(pipeline)
+    assert {"kid", "clip_score", "clip_score_real", "fd_real_halves", "bits_per_dim", "heldout_loss"} <= set(pipeline)
+    validation = json.loads((out / "pipeline" / "training.json").read_text())["config"]["validation"]
+    assert validation["data"] == str(out / "data" / "heldout")  # stage 2 logs its held-out validation loss
     printed = capsys.readouterr().out
     assert str(out / "pipeline") in printed and "FD " in printed and "classifier" in printed
     assert folder_digest(digits40) == before

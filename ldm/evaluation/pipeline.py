@@ -6,6 +6,8 @@ A and B, one image is generated for each caption of A (each with its own seeded 
                  the same metric between the real halves A and B (same sizes: the sampling noise floor)
     CLIP score   each generated image against its caption (mean), and of the real images of A
     bits/dim     the U-Net's −ELBO on held-out latents (``latent_bits_per_dim``)
+    loss         the held-out diffusion loss on fixed timesteps and noise (``ldm.evaluation.heldout``, the
+                 number training logs as its validation loss)
 and a task-specific reading where the data is one this project knows: the shapes judge for shapes
 data (on its own held-out single-shape prompts), the digit classifier for ``ldm data digits`` data.
 The report names the feature space: the pipeline's stage-0 CLIP, a CLIP the user names, or none.
@@ -126,6 +128,16 @@ def distribution_metrics(space, generated: np.ndarray, real_a: dict, real_b: dic
             "images_per_set": len(fake)}
 
 
+def diffusion_loss(pipe, data: DataConfig, num: int = 64, seed: int = 0) -> float:
+    """The held-out diffusion loss of the first ``num`` pairs of ``data`` (8 fixed timesteps, seeded noise)."""
+    from ldm.evaluation.heldout import encode_heldout, heldout_data_config, heldout_loss
+
+    latents, text = encode_heldout(heldout_data_config(data, data.path, num), pipe.vae, pipe.text_encoder,
+                                   pipe.tokenizer)
+    alphas_cumprod = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+    return heldout_loss(pipe.unet, latents, text, alphas_cumprod, pipe.scheduler.config.prediction_type, seed=seed)
+
+
 def evaluate_pipeline(model: str, data: DataConfig, num: int | None = None, seed: int = 0, steps: int = 20,
                       guidance: float = 5.0, scheduler: str | None = "dpm++", clip: str | None = None,
                       judge_prompts: int | None = None, bpd_images: int = 16, batch_size: int = 25) -> dict:
@@ -159,6 +171,7 @@ def evaluate_pipeline(model: str, data: DataConfig, num: int | None = None, seed
     else:
         metrics |= distribution_metrics(space, generated, real_a, real_b)
     metrics["bits_per_dim"] = latent_bits_per_dim(pipe, data, num=bpd_images, seed=seed)
+    metrics["heldout_loss"] = diffusion_loss(pipe, data, seed=seed)
     if kind == "digits":
         from ldm.data.digits import label_of
         from ldm.evaluation.digits import classify_digits
@@ -182,7 +195,8 @@ def summary_lines(metrics: dict) -> list[str]:
                   f"KID             {metrics['kid']:.4g} ± {metrics['kid_std']:.2g} (real halves: "
                   f"{metrics['kid_real_halves']:.4g})",
                   f"CLIP score      {metrics['clip_score']:.2f} generated, {metrics['clip_score_real']:.2f} real"]
-    lines.append(f"U-Net bound     {metrics['bits_per_dim']:.3f} bits/dim on held-out latents")
+    lines.append(f"U-Net bound     {metrics['bits_per_dim']:.3f} bits/dim on held-out latents; held-out diffusion "
+                 f"loss {metrics['heldout_loss']:.4f}")
     if "classifier_accuracy" in metrics:
         c = metrics["classifier"]
         lines.append(f"classifier      {c['accuracy']:.2f} of generated digits read as their caption's digit "
