@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def is_bad_input(err: BaseException) -> bool:
     """Errors whose message is the whole story: bad input, or a path that is missing, taken or unwritable."""
-    return isinstance(err, (UserError, FileNotFoundError, FileExistsError, PermissionError)) or (
+    return isinstance(err, (UserError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                            NotADirectoryError)) or (
         isinstance(err, OSError) and err.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT))
 
 

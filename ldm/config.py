@@ -142,7 +142,7 @@ class TrainConfig:
                     "image_every", "max_nonfinite_steps"):
             _at_least(f"train.{key}", getattr(self, key), 1)
         _check(0 <= self.seed < 2**63, "train.seed", f"must be in [0, 2**63), got {self.seed}")
-        _number("train.learning_rate", self.learning_rate, 0, low_open=True)
+        _number("train.learning_rate", self.learning_rate, 0, 1, low_open=True)
         _at_least("train.lr_warmup_steps", self.lr_warmup_steps, 0)
         _number("train.adam_beta1", self.adam_beta1, 0, 1, high_open=True)
         _number("train.adam_beta2", self.adam_beta2, 0, 1, high_open=True)
@@ -198,7 +198,7 @@ class VAELossConfig:
         _at_least("loss.disc_start", self.disc_start, 0)
         _at_least("loss.disc_layers", self.disc_layers, 1)
         _at_least("loss.disc_channels", self.disc_channels, 1)
-        _number("loss.disc_learning_rate", self.disc_learning_rate, 0, low_open=True, nullable=True)
+        _number("loss.disc_learning_rate", self.disc_learning_rate, 0, 1, low_open=True, nullable=True)
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,10 @@ def assemble_release(model: str | Path, out: str | Path | None = None, repo_id: 
 
     An existing ``out`` is replaced only when it is a release folder this function wrote before.
     """
-    model = Path(model)
+    model = Path(model).expanduser()
     check_repo_id(repo_id, "--repo-id")
+    if not model.is_dir():
+        raise FileNotFoundError(f"--model {model}: this folder does not exist (ldm push uploads a local folder)")
     is_pipeline, is_lora = (model / "model_index.json").exists(), (model / LORA_FILE).exists()
     if not (is_pipeline or is_lora):
         hint = f"did you mean {model / 'final'}?" if (model / "final").is_dir() else \

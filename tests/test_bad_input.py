@@ -285,7 +285,8 @@ def test_images_without_a_metadata_line_are_named(shapes16, tmp_path, caplog):
     (VAEStageConfig, "loss.kl_weight=.nan", r"loss.kl_weight must be a finite number"),
     (VAEStageConfig, "loss.kl_weight=-1", r"loss.kl_weight must be a finite number >= 0"),
     (VAEStageConfig, "train.learning_rate=inf", r"train.learning_rate must be a finite number"),
-    (VAEStageConfig, "train.learning_rate=0", r"train.learning_rate must be a finite number > 0"),
+    (VAEStageConfig, "train.learning_rate=0", r"train.learning_rate must be a finite number in \(0, 1\]"),
+    (VAEStageConfig, "train.learning_rate=1e9", r"train.learning_rate must be a finite number in \(0, 1\]"),
     (VAEStageConfig, "model.norm_num_groups=0", r"model.norm_num_groups must be >= 1"),
     (VAEStageConfig, "model.norm_num_groups=5", r"model.block_out_channels \[32, 64, 64\] not divisible by model.norm_num_groups=5"),
     (VAEStageConfig, "data.resolution=33", r"data.resolution .* multiple of the VAE's downsampling factor 4"),
@@ -299,7 +300,7 @@ def test_images_without_a_metadata_line_are_named(shapes16, tmp_path, caplog):
     (VAEStageConfig, "output_dir=''", r"output_dir must not be empty"),
     (VAEStageConfig, "data.streaming=true", r"data.streaming is supported by the U-Net stage only"),
     (VAEStageConfig, "loss.disc_start=0\ndata.resolution=8", r"loss.disc_layers \(2\) needs images of at least 12 px"),
-    (VAEStageConfig, "loss.disc_learning_rate=0", r"loss.disc_learning_rate must be a finite number > 0"),
+    (VAEStageConfig, "loss.disc_learning_rate=0", r"loss.disc_learning_rate must be a finite number in \(0, 1\]"),
     (VAEStageConfig, "loss.logvar_init=1e6", r"loss.logvar_init must be a finite number in \[-30, 30\]"),
     (VAEStageConfig, "data.caption_column=image", r"data.caption_column must differ"),
     (VAEStageConfig, "data.max_samples=0", r"data.max_samples must be >= 1 or null"),
@@ -320,6 +321,31 @@ def test_images_without_a_metadata_line_are_named(shapes16, tmp_path, caplog):
 def test_bad_values_name_the_key(cls, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(cls, None, override.split("\n"))  # one override per line
+
+
+def _numeric_keys(cls, prefix=""):
+    """(dotted key, int or float) for every numeric field of a stage config, nested sections included."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _numeric_keys(hint, f"{prefix}{field.name}.")
+        elif kinds := [t for t in (typing.get_args(hint) or (hint,)) if t in (int, float)]:
+            yield prefix + field.name, kinds[0]
+
+
+@pytest.mark.parametrize("cls", [VAEStageConfig, TextEncoderStageConfig, UNetStageConfig])
+def test_every_numeric_field_rejects_impossible_values(cls):
+    """Every int refuses -1 and every float NaN and -1e9, naming the key (new fields included)."""
+    keys = list(_numeric_keys(cls))
+    assert len(keys) > 20
+    for key, kind in keys:
+        for bad in (["-1"] if kind is int else ["nan", "-inf", "-1e9"]):
+            with pytest.raises(ConfigError, match=key.split(".")[-1]):
+                load_config(cls, None, [f"{key}={bad}"])
 
 
 def test_output_dir_inside_the_data_folder_is_refused(shapes16):
