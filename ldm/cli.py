@@ -27,19 +27,22 @@ STAGES = {  # ldm train <name> -> (module in train/, config class in ldm.config)
 # Commands
 # --------------------------------------------------------------------------------------------
 def cmd_data(args) -> None:
-    check_empty_or_new(args.out, "--out")
-    if args.dataset == "digits":
-        from ldm.data.digits import write_digits_dataset
+    from ldm.checkpoint import atomic_folder
 
-        out = write_digits_dataset(args.out, size=args.size, num=args.num)
-        count = sum(1 for _ in open(out / "metadata.jsonl"))
-        print(f"wrote {count} handwritten digits of {args.size}x{args.size} and metadata.jsonl to {out}")
-        return
-    from ldm.data.shapes import write_shapes_dataset
+    out = check_empty_or_new(args.out, "--out")
+    with atomic_folder(out) as tmp:  # written beside --out and renamed: a killed run leaves no half dataset
+        if args.dataset == "digits":
+            from ldm.data.digits import write_digits_dataset
 
-    num = args.num or 2000
-    out = write_shapes_dataset(args.out, num=num, size=args.size, seed=args.seed)
-    print(f"wrote {num} images of {args.size}x{args.size} and metadata.jsonl to {out}")
+            write_digits_dataset(tmp, size=args.size, num=args.num)
+            what = "handwritten digits"
+        else:
+            from ldm.data.shapes import write_shapes_dataset
+
+            write_shapes_dataset(tmp, num=args.num or 2000, size=args.size, seed=args.seed)
+            what = "images"
+    count = sum(1 for _ in open(out / "metadata.jsonl"))
+    print(f"wrote {count} {what} of {args.size}x{args.size} and metadata.jsonl to {out}")
 
 
 def cmd_train(args) -> None:
