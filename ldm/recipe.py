@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 from ldm.checkpoint import atomic_folder
-from ldm.config import (DataConfig, TextEncoderStageConfig, UNetStageConfig, VAEStageConfig, load_config, to_dict)
+from ldm.locations import LocationError
+from ldm.config import (ConfigError, DataConfig, TextEncoderStageConfig, UNetStageConfig, VAEStageConfig, load_config,
+                        to_dict)
 
 logger = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -43,7 +45,7 @@ GRID_PROMPTS, GRID_IMAGES = 10, 4  # the sample grid: held-out captions x images
 def preset_configs(preset: str) -> dict[str, Path]:
     """``{stage: YAML path}`` of a preset in ``configs/presets/<preset>/``."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     return stage_configs(CONFIGS / "presets" / preset, {stage: f"{stage}.yaml" for stage in STAGES})
 
 
@@ -63,7 +65,7 @@ def split_overrides(items: list[str]) -> dict[str, list[str]]:
         stage, dot, rest = item.partition(".")
         stage = stage.replace("-", "_")
         if not dot or stage not in STAGES or "=" not in rest:
-            raise ValueError(f"--set {item!r} must look like <stage>.key=value with <stage> one of "
+            raise ConfigError(f"--set {item!r} must look like <stage>.key=value with <stage> one of "
                              f"{', '.join(STAGES)} (e.g. vae.train.max_steps=100)")
         out[stage].append(rest)
     return out
@@ -156,6 +158,8 @@ def run_recipe(data: str, out: str | Path, preset: str = "cpu", text_encoder: st
     from ldm.data.split import split_heldout
 
     start, out = time.time(), Path(out)
+    if Path(data).exists() and out.resolve().is_relative_to(Path(data).resolve()):
+        raise LocationError(f"--out {out} is inside --data {data}: the data folder is only read, put OUT elsewhere")
     configs, per_stage = preset_configs(preset), split_overrides(list(overrides))
     train_dir, heldout_dir = split_heldout(data, out / "data", heldout, seed, caption_column, image_column,
                                            max_fraction_count=MAX_HELDOUT)

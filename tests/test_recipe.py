@@ -49,6 +49,18 @@ def test_overrides_go_to_one_stage():
             split_overrides([bad])
 
 
+def test_bad_arguments_stop_before_any_work_with_one_line(digits40, tmp_path, capsys):
+    from ldm.cli import main as cli
+
+    for args, message in ((["--set", "vea.train.max_steps=1"], "<stage>.key=value"), (["--heldout", "2"], "at least 4"),
+                          ([], "inside --data")):
+        out = digits40 / "run" if message == "inside --data" else tmp_path / "out"
+        with pytest.raises(SystemExit) as exit_info:
+            cli(["train", "all", "--data", str(digits40), "--out", str(out), *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_heldout_split_is_seeded_disjoint_reused_and_leaves_the_source_alone(digits40, tmp_path):
     before = folder_digest(digits40)
     train, heldout = split_heldout(digits40, tmp_path / "data", heldout=0.25, seed=3)

@@ -19,10 +19,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldm.config import ConfigError
+from ldm.errors import UserError
+
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTION = "a handwritten digit {}"
 CAPTION_PATTERN = re.compile(r"^a handwritten digit (" + "|".join(NAMES) + r")$")
 INK_LEVELS = 16  # load_digits values run from 0 (paper) to 16 (ink)
+
+
+class MissingExtraError(UserError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -30,7 +37,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as err:
-        raise ImportError("the digits data ships with scikit-learn: pip install -e \".[real]\" "
+        raise MissingExtraError("the digits data ships with scikit-learn: pip install -e \".[real]\" "
                           "(or pip install scikit-learn)") from err
     bunch = sklearn_digits()
     return bunch.images.astype(np.float64), bunch.target.astype(np.int64)
@@ -58,11 +65,11 @@ def render_digit(image: np.ndarray, size: int = 32) -> Image.Image:
 def write_digits_dataset(out: str | Path, size: int = 32, num: int | None = None) -> Path:
     """Write the first ``num`` (default all 1,797) digits as PNGs + ``metadata.jsonl`` (file_name, text, label)."""
     if size < 8:
-        raise ValueError(f"size must be >= 8 pixels (the scans are 8x8), got {size}")
+        raise ConfigError(f"size must be >= 8 pixels (the scans are 8x8), got {size}")
     images, labels = load_digits()
     num = len(images) if num is None else num
     if not 1 <= num <= len(images):
-        raise ValueError(f"num must be in [1, {len(images)}], got {num}")
+        raise ConfigError(f"num must be in [1, {len(images)}], got {num}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metadata.jsonl", "w") as meta:

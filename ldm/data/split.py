@@ -23,7 +23,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_folder
-from ldm.config import DataConfig
+from ldm.config import ConfigError, DataConfig
+from ldm.locations import LocationError
 
 logger = logging.getLogger(__name__)
 MIN_HELDOUT = 4  # FD and KID compare two halves of at least 2 pairs each
@@ -32,16 +33,16 @@ MIN_HELDOUT = 4  # FD and KID compare two halves of at least 2 pairs each
 def heldout_count(total: int, heldout: float, max_fraction_count: int | None = None) -> int:
     """``heldout`` < 1 is a fraction of ``total`` (rounded, at most ``max_fraction_count``); >= 1 a count."""
     if heldout <= 0:
-        raise ValueError(f"--heldout must be > 0 (a fraction below 1 or a count), got {heldout}")
+        raise ConfigError(f"--heldout must be > 0 (a fraction below 1 or a count), got {heldout}")
     if heldout < 1:
         count = round(heldout * total)
         count = min(count, max_fraction_count) if max_fraction_count else count
     else:
         if heldout != int(heldout):
-            raise ValueError(f"--heldout {heldout}: a count must be a whole number")
+            raise ConfigError(f"--heldout {heldout}: a count must be a whole number")
         count = int(heldout)
     if count < MIN_HELDOUT or count > total - 1:
-        raise ValueError(f"holding out {count} of {total} examples leaves too few on one side: hold out at least "
+        raise ConfigError(f"holding out {count} of {total} examples leaves too few on one side: hold out at least "
                          f"{MIN_HELDOUT} and keep at least 1 for training (set --heldout)")
     return count
 
@@ -66,7 +67,7 @@ def split_heldout(source: str | Path, root: str | Path, heldout: float = 0.15, s
     if marker.is_file():
         done = json.loads(marker.read_text())
         if done != plan:
-            raise ValueError(f"{root} holds a split of {done['source']} ({done['examples']} examples, "
+            raise LocationError(f"{root} holds a split of {done['source']} ({done['examples']} examples, "
                              f"{done['heldout']} held out, seed {done['seed']}); this run asks for {origin} "
                              f"({len(records)} examples, {count} held out, seed {seed}): use another --out")
         return root / "train", root / "heldout"

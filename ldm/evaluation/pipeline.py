@@ -24,7 +24,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ldm.config import DataConfig
-from ldm.data.images import ImageCaptionDataset, collate
+from ldm.data.images import DataError, ImageCaptionDataset, collate
 from ldm.data.shapes import BACKGROUNDS, COLOURS, KINDS, single_shape_scenes
 from ldm.evaluation.judge import judge, summarise
 from ldm.losses.diffusion import variational_bound_bpd
@@ -161,7 +161,7 @@ def evaluate_pipeline(model: str, data: DataConfig, num: int | None = None, seed
                      "guidance_scale": guidance, "sampler": type(pipe.scheduler).__name__, "seed": seed}
     real_a, real_b = heldout_halves(dataset, num or MAX_IMAGES, seed)
     if len(real_a["caption"]) < 2:
-        raise ValueError(f"{data.path} has {len(dataset)} usable pairs; FD and KID need at least 4 held-out pairs")
+        raise DataError(f"{data.path} has {len(dataset)} usable pairs; FD and KID need at least 4 held-out pairs")
     generated = generate(pipe, real_a["caption"], steps, guidance, seed, batch_size)
     space = load_feature_space(model, clip, device=pipe.device)
     if space is None:
