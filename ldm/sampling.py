@@ -80,11 +80,12 @@ def lora_base_model(folder: Path) -> str | Path:
 
 
 def _from_pretrained(location: Path | str, key: str, dtype: torch.dtype) -> LatentDiffusionPipeline:
-    if isinstance(location, Path):
-        return LatentDiffusionPipeline.from_pretrained(str(location), dtype=dtype)
     try:
-        return LatentDiffusionPipeline.from_pretrained(location, dtype=dtype)
-    except OSError as err:  # huggingface_hub's not-found, offline and HTTP errors are OSErrors
+        return LatentDiffusionPipeline.from_pretrained(str(location), dtype=dtype)
+    except OSError as err:  # a broken local file, or huggingface_hub's not-found, offline and HTTP errors
+        if isinstance(location, Path):
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LocationError(f"{key} {location} cannot be loaded: {reason}") from err
         raise not_found_here_or_on_hub(location, key, err) from err
 
 

@@ -371,7 +371,10 @@ def test_sample_model_errors_say_what_is_wrong(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "final").mkdir(parents=True)
     (tmp_path / "runs" / "final" / "model_index.json").write_text("{}")
-    cases = [("/nonexistent/model", "--model /nonexistent/model: this folder does not exist"),
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model_index.json").write_text("{oops")
+    cases = [("broken", "--model broken cannot be loaded: It looks like the config file at"),
+             ("/nonexistent/model", "--model /nonexistent/model: this folder does not exist"),
              ("runs/unet/final", "runs/unet/final: this folder does not exist (relative to the current folder"),
              ("runs", "is not a pipeline folder (no model_index.json); did you mean runs/final?"),
              ("not an id", "neither an existing folder"),
