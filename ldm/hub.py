@@ -27,6 +27,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from ldm.checkpoint import atomic_folder
+from ldm.errors import UserError
 from ldm.locations import LocationError, check_repo_id, check_revision, check_writable
 
 logger = logging.getLogger(__name__)
@@ -63,11 +64,15 @@ def pipeline_components(model: Path) -> frozenset[str]:
                      if isinstance(v, list) and k.isidentifier() and not k.startswith("_"))
 
 
+class ReleaseError(UserError, ValueError):
+    """A file of the model folder cannot go into a release as it is; the message names it."""
+
+
 def read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not readable JSON ({err}); restore it from the training output") from None
+        raise ReleaseError(f"{path} is not readable JSON ({err}); restore it from the training output") from None
 
 
 def assemble_release(model: str | Path, out: str | Path | None = None, repo_id: str = "your-name/your-model") -> Path:
@@ -113,8 +118,9 @@ def refuse_foreign_folder(out: Path) -> None:
         return
     card = out / "README.md"
     ours = out.is_dir() and card.is_file() and CARD_TAG in card.read_text(errors="replace")
+    components = pipeline_components(out) if ours else frozenset()
     foreign = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
-               and not allowed(p.relative_to(out).as_posix(), pipeline_components(out)) and p != card] if ours else []
+               and not allowed(p.relative_to(out).as_posix(), components) and p != card] if ours else []
     if not ours or foreign:
         raise FileExistsError(f"{out} exists and is not a release folder written by `ldm push` "
                               f"({'it holds ' + ', '.join(foreign[:3]) if foreign else 'no diffusers-ldm card'}); "
