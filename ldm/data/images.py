@@ -143,16 +143,18 @@ def _load_local(path: Path, data: DataConfig, streaming: bool):
         raise DataError(f"data.path {path} is a file; point data.path at the folder that holds the images and "
                         f"metadata.jsonl (or the .tar shards)")
     if any(path.glob("*.tar")):
-        kind, args = "webdataset shards", ("webdataset",)
+        builder = "webdataset"
     elif _looks_like_imagefolder(path):
         check_metadata(path, data.caption_column)
-        kind, args = "imagefolder", ("imagefolder",)
+        builder = "imagefolder"
     else:
-        kind, args = "dataset folder", ()
+        builder = None  # parquet/arrow/json files: datasets picks the builder
     try:
-        return datasets.load_dataset(*args, **({"data_dir": str(path)} if args else {"path": str(path)}),
-                                     split=data.split, streaming=streaming)
+        if builder is None:
+            return datasets.load_dataset(str(path), split=data.split, streaming=streaming)
+        return datasets.load_dataset(builder, data_dir=str(path), split=data.split, streaming=streaming)
     except Exception as err:  # pyarrow, datasets' generation and empty-folder errors: name the folder
+        kind = {"webdataset": "webdataset shards", "imagefolder": "an imagefolder"}.get(builder, "a dataset folder")
         raise DataError(f"data.path {path}: cannot read it as {kind} ({_first_line(err)}); expected images with "
                         f"metadata.jsonl (file_name + {data.caption_column}), .tar shards, or parquet/arrow "
                         f"files") from err
