@@ -481,7 +481,8 @@ def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        with open(path, encoding="utf-8") as stream:  # YAML's error marks then name the file and line
+            raw = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -489,6 +490,20 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of keys to values, not {type(raw).__name__}")
     return raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one section "
+                                                        f"(the first would be ignored)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _first_line(err: Exception) -> str:

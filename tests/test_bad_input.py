@@ -360,6 +360,10 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(VAEStageConfig, broken)
     with pytest.raises(ConfigError, match="is a folder"):
         load_config(VAEStageConfig, tmp_path)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  max_steps: 5\ndata:\n  resolution: 16\ntrain:\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match=r"key 'train' appears twice .* line 5"):
+        load_config(VAEStageConfig, twice)
     with pytest.raises(ConfigError, match=r"override 'train.max_steps=\[1': the value is not valid YAML"):
         load_config(VAEStageConfig, None, ["train.max_steps=[1"])
 
