@@ -24,6 +24,7 @@ At the end, ours' power-function EMA snapshots give the validation loss for a sw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -76,7 +77,14 @@ def make_ours(name: str, parts, unet, cfg, overrides: list[str], workdir: Path, 
     for item in overrides:
         key, _, value = item.partition("=")
         _set_dotted(raw, key.split("."), yaml.safe_load(value))
-    cfg = from_dict(UNetStageConfig, raw)
+    variant = from_dict(UNetStageConfig, raw)
+    if variant.model != cfg.model:  # another architecture: built from the same seed
+        from ldm.models.unet import build_unet
+
+        torch.manual_seed(cfg.train.seed)
+        unet = build_unet(variant.model, unet.config.sample_size, unet.config.in_channels,
+                          unet.config.cross_attention_dim).train()
+    cfg = variant
     start = time.perf_counter()
     ours = OursStep(parts, copy.deepcopy(unet), cfg, workdir / f"cache-{name}")
     setup = time.perf_counter() - start
@@ -154,7 +162,8 @@ def run(args, seed: int, workdir: Path) -> list[Side]:
     cfg = dataclasses.replace(cfg, vae=str(args.vae or base / "vae" / "final"),
                               text_encoder=str(args.text_encoder or base / "text_encoder" / "final"),
                               data=dataclasses.replace(cfg.data, path=str(data_dir)),
-                              train=dataclasses.replace(cfg.train, seed=seed))
+                              train=dataclasses.replace(cfg.train, seed=seed,
+                                                        max_steps=args.steps or cfg.train.max_steps))
     parts = load_components(cfg)
     torch.manual_seed(seed)
     unet = build_unet(cfg.model, parts.unet.config.sample_size, parts.vae.config.latent_channels,
@@ -162,8 +171,8 @@ def run(args, seed: int, workdir: Path) -> list[Side]:
     heldout = encode_heldout(heldout_data_config(DataConfig(resolution=cfg.data.resolution),
                                                  str(args.heldout or base / "data" / "heldout"), 64),
                              parts.vae, parts.text_encoder, parts.tokenizer)
-    sides = [make_ours("ours", parts, unet, cfg, [], workdir, tuple(args.sigma_rels))]
-    sides += [make_ours(name, parts, unet, cfg, sets, workdir, ())
+    sides = [make_ours("ours", parts, unet, cfg, args.set, workdir, tuple(args.sigma_rels))]
+    sides += [make_ours(name, parts, unet, cfg, args.set + sets, workdir, tuple(args.sigma_rels))
               for name, sets in map(parse_variant, args.variant)]
     if args.baseline_steps > 0:
         sides.append(make_example(parts, unet, cfg, data_dir, args.baseline_steps))
@@ -185,20 +194,18 @@ def run(args, seed: int, workdir: Path) -> list[Side]:
     return sides, parts, heldout
 
 
-def sigma_rel_sweep(side: Side, parts, heldout, sigma_rels: list[float]) -> list[tuple[float, float]]:
-    from diffusers import DDPMScheduler
-
+def sigma_rel_sweep(side: Side, parts, heldout, sigma_rels: list[float], num: int) -> list[list]:
+    """[σ_rel, validation loss, judge accuracy] of the post-hoc EMA of each σ_rel at the end of training."""
     from ldm.ema import load_into, reconstruct
-    from ldm.evaluation.heldout import heldout_loss
 
     weights, _, _ = reconstruct(side.snapshots, sigma_rels)
     unet = copy.deepcopy(side.unet)
-    schedule = parts.scheduler.config
+    probe = Side(side.name, None, unet, contextlib.nullcontext, 0)
     rows = []
     for sigma_rel, w in zip(sigma_rels, weights):
         load_into(unet, w)
-        rows.append((sigma_rel, heldout_loss(unet, *heldout, DDPMScheduler.from_config(schedule).alphas_cumprod,
-                                             schedule.prediction_type)))
+        point = evaluate(probe, parts, heldout, num, 0)
+        rows.append([f"{sigma_rel:.3f}", f"{point['val_loss']:.4f}", f"{point['judge']:.2f}"])
     return rows
 
 
@@ -214,8 +221,11 @@ def parse_args(argv=None):
     parser.add_argument("--baseline-steps", type=float, default=2.5,
                         help="the example's steps as a multiple of ours (0 = no baseline)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a stage-2 config value for all of ours (e.g. to try a config before making it the default)")
     parser.add_argument("--sigma-rels", type=float, nargs="*", default=[0.05, 0.10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, help="our training steps (default: the shapes config's)")
     parser.add_argument("--json", help="also write the curves here")
     add_common_args(parser)
     parser.set_defaults(threads=0)
@@ -231,10 +241,11 @@ def main(argv=None) -> None:
             print(f"seed {seed}")
             sides, parts, heldout = run(args, seed, Path(tmp))
             results[seed] = {s.name: s.curve for s in sides}
-            if sides[0].snapshots:
-                sweep = sigma_rel_sweep(sides[0], parts, heldout, SWEEP)
-                print("post-hoc EMA of ours at the end: validation loss by sigma_rel")
-                print_table(["sigma_rel", "val loss"], [[f"{s:.3f}", f"{v:.4f}"] for s, v in sweep])
+            for side in sides:
+                if getattr(side, "snapshots", None):
+                    print(f"post-hoc EMA of {side.name} at the end ({side.steps} steps), by sigma_rel")
+                    print_table(["sigma_rel", "val loss", "judge"], sigma_rel_sweep(side, parts, heldout, SWEEP,
+                                                                                    args.num))
     rows = []
     for seed, curves in results.items():
         for name, curve in curves.items():

@@ -3,7 +3,7 @@ round trip. No U-Net trained on a VAE's latents can score above its round trip.
 
     python bench/vae_ceiling.py demo/vae/final [demo/vae/checkpoint-1000 ...]
 
-Each argument is a saved VAE folder or a stage-1 checkpoint (its EMA weights are used). Prints the
+Each argument is a saved VAE folder or a stage-1 checkpoint (its EMA weights, or with --raw its raw ones). Prints the
 project judge's and the real-image classifier's accuracy on round trips of 500 single-shape images.
 """
 
@@ -23,7 +23,7 @@ from ldm.data.shapes import render, single_shape_scenes
 from ldm.evaluation.judge import judge
 
 
-def load_vae(path: str | Path):
+def load_vae(path: str | Path, raw: bool = False):
     """AutoencoderKL from a final folder, or from a checkpoint's EMA (else raw) autoencoder weights."""
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
@@ -31,13 +31,17 @@ def load_vae(path: str | Path):
     path = Path(path)
     if (path / "config.json").exists():
         return AutoencoderKL.from_pretrained(path).eval()
-    final = next(path.parent.glob("final"), None)
-    config = AutoencoderKL.load_config(final) if final else None
-    if config is None:
-        raise SystemExit(f"{path}: a checkpoint needs the stage's final/ folder beside it for the architecture")
-    vae = AutoencoderKL.from_config(config)
+    final = path.parent / "final"
+    if final.exists():
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(final))
+    else:  # a run still training: the architecture of the shapes config
+        from bench.common import shapes_configs
+        from ldm.models.vae import build_vae
+
+        model_cfg = shapes_configs()[0]
+        vae = build_vae(model_cfg.model, model_cfg.data.resolution)
     weights = path / "ema-autoencoder.safetensors"
-    state = load_file(str(weights if weights.exists() else path / "model-autoencoder.safetensors"))
+    state = load_file(str(weights if weights.exists() and not raw else path / "model-autoencoder.safetensors"))
     vae.load_state_dict({k.removeprefix("vae."): v for k, v in state.items() if k.startswith("vae.")})
     return vae.eval()
 
@@ -60,10 +64,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("vaes", nargs="+")
     parser.add_argument("--weights", default="outputs/shapes_classifier.safetensors")
+    parser.add_argument("--raw", action="store_true", help="a checkpoint's raw weights instead of its EMA")
     args = parser.parse_args()
     classifier = load_or_train(args.weights)
     for path in args.vaes:
-        r = round_trip_accuracy(load_vae(path), classifier)
+        r = round_trip_accuracy(load_vae(path, args.raw), classifier)
         print(f"{path}: round-trip judge {r['judge']:.3f}, classifier {r['classifier']:.3f}, PSNR {r['psnr']:.2f} dB")
 
 

@@ -114,7 +114,7 @@ def cmd_push(args) -> None:
 def cmd_demo(args) -> None:
     from ldm.demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, seed=args.seed)
 
 
 def cmd_ema(args) -> None:
@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo")
     demo.add_argument("--quick", action="store_true",
                       help="a 2-minute smoke run of the same chain (tiny data, 2 steps per stage)")
+    demo.add_argument("--seed", type=int, default=0, help="train.seed of every stage (the data stay the same)")
     demo.set_defaults(func=cmd_demo)
 
     ema = sub.add_parser("ema", help="post-hoc EMA: rebuild any EMA length from a stage-2 run's snapshots")

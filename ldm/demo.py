@@ -10,12 +10,15 @@ the demo is exactly what a user would run by hand; the chain is ``ldm train all`
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from pathlib import Path
 
 from ldm.config import DataConfig
 from ldm.data.shapes import write_shapes_dataset
 
+logger = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPTS = ["a large red circle in the center on a gray background",
            "a large blue square in the center on a white background",
@@ -32,27 +35,36 @@ QUICK_OVERRIDES = ["train.max_steps=2", "train.batch_size=16", "train.checkpoint
                    "train.image_every=2"]
 
 
-def run_demo(out: str | Path = "demo", quick: bool = False) -> dict:
+def run_demo(out: str | Path = "demo", quick: bool = False, seed: int = 0) -> dict:
     """Train every stage into ``out`` and return the metrics summary (also ``out/metrics.json``).
 
     The stage chain is ``ldm train all``'s (``ldm.recipe.train_chain``) with the shapes configs; the
     data (seeded shapes, no split needed) and the metrics (the shapes judge) are the demo's own.
+    ``seed`` is every stage's ``train.seed`` (initial weights, data order, noise); the data stay the
+    same. The torch thread count is fixed to the machine's cores and logged: on one machine, the same
+    command gives the same metrics.
     """
+    import torch
+
     from ldm.recipe import stage_configs, train_chain
 
     start, sizes = time.time(), QUICK if quick else FULL
     out = Path(out)
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    logger.info("ldm demo: seed %d, %d torch thread(s) for stage 2 and evaluation", seed, threads)
     extra = {stage: QUICK_OVERRIDES if quick else DEMO_OVERRIDES.get(stage, [])
              for stage in ("vae", "text_encoder", "unet")}
     quick_only = {"vae": ["calibration_samples=16"], "text_encoder": ["eval_samples=16"],
                   "unet": ["validation.every=2"]}
-    overrides = {stage: [*extra[stage], *(quick_only[stage] if quick else [])] for stage in extra}
+    overrides = {stage: [*extra[stage], *(quick_only[stage] if quick else []), f"train.seed={seed}"]
+                 for stage in extra}
     train_dir, heldout = make_data(out, sizes)
     configs = stage_configs(CONFIGS, {stage: f"{stage}/shapes.yaml" for stage in extra})
     vae, text, pipeline = train_chain(out, train_dir, configs, overrides)
     grid = sample_demo_grid(pipeline, out / "samples.png")
     metrics = measure(out, vae, text, pipeline, heldout, sizes["judge_prompts"])
-    metrics["minutes"] = round((time.time() - start) / 60, 2)
+    metrics |= {"minutes": round((time.time() - start) / 60, 2), "seed": seed, "threads": threads}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report(out, train_dir, heldout, vae, text, pipeline, grid, metrics)
     return metrics

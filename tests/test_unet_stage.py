@@ -86,8 +86,11 @@ def test_cached_and_uncached_runs_log_the_same_losses(unet_overrides, tmp_path):
     assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5)
     wa = LatentDiffusionPipeline.from_pretrained(a).unet.state_dict()
     wb = LatentDiffusionPipeline.from_pretrained(b).unet.state_dict()
-    # Adam normalises each gradient, so float noise in the encoder's batching shows up as < 10% of one step
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    # Adam normalises each gradient: where a gradient is ~0, float noise from the encoder's batching (which
+    # depends on the thread count) can move one weight by a fraction of a step (lr 1e-3 here). Bounded per
+    # weight by one step, and by 1% of a step on average over all weights.
+    diffs = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    assert diffs.max() < 1e-3 and diffs.mean() < 1e-5
 
 
 def test_cache_fingerprint_invalidation(unet_overrides, tmp_path, caplog):
