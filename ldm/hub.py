@@ -188,7 +188,10 @@ def model_card(model: Path, repo_id: str, has_grid: bool) -> ModelCard:
 def _summary_rows(summary: dict) -> list[tuple[str, str]]:
     rows = []
     for stage in summary.get("stages", []):
-        rows.append((stage.get("stage", "?"), ", ".join(f"{k}: {v}" for k, v in stage.items() if k != "stage")))
+        scalars = {k: v for k, v in stage.items() if k != "stage" and not isinstance(v, (list, dict))}
+        if stage.get("val_loss"):  # the history of the held-out validation loss: its last value
+            scalars["final val_loss"] = stage["val_loss"][-1].get("val_loss")
+        rows.append((stage.get("stage", "?"), ", ".join(f"{k}: {v}" for k, v in scalars.items())))
     return rows
 
 

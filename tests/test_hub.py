@@ -101,3 +101,11 @@ def test_push_refuses_folders_that_are_not_models(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli(["push", "--model", str(tmp_path / "checkpoint-4"), "--repo-id", "a/b", "--dry-run"])
     assert exit_info.value.code == 2 and "neither a pipeline folder" in capsys.readouterr().err
+
+
+def test_model_card_summarises_the_validation_history_by_its_last_value():
+    from ldm.hub import _summary_rows
+
+    history = [{"step": 2, "val_loss": 0.5}, {"step": 4, "val_loss": 0.25}]
+    rows = _summary_rows({"stages": [{"stage": "unet", "steps": 4, "val_loss": history}]})
+    assert rows == [("unet", "steps: 4, final val_loss: 0.25")]
