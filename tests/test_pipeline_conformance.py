@@ -28,12 +28,7 @@ REQUIRED_OPTIONAL_PARAMS = {"num_inference_steps", "num_images_per_prompt", "gen
                             "return_dict"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def components(seed=0):
