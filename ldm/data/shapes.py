@@ -32,7 +32,7 @@ EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {"pink": (250, 135, 200), "cyan
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"gray": (128, 128, 128), "white": (245, 245, 245),
                                                 "black": (15, 15, 15)}
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "cross")
-EXTRA_KINDS: tuple[str, ...] = ("diamond",)  # drawn on request only: a shape word the default data never uses
+EXTRA_KINDS: tuple[str, ...] = ("diamond", "ring")  # drawn on request only: shapes the default data never uses
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 # Side of the shape as a fraction of the image side. At 32 px "small" is 11-13 px: a latent pixel of
 # an f=4 VAE covers 4x4, and shapes below ~10 px came out of a CPU-sized U-Net as blobs (judge 0.5).
@@ -172,6 +172,8 @@ def _draw(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, side: floa
         draw.rectangle([cx - t, cy - h, cx + t, cy + h], fill=fill)
     elif kind == "diamond":
         draw.polygon([(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)], fill=fill)
+    elif kind == "ring":  # a hollow circle: the outline a fifth of the side thick, the hole 3/5 of the side
+        draw.ellipse([cx - h, cy - h, cx + h, cy + h], outline=fill, width=max(1, round(side / 5)))
     else:
         raise ValueError(f"unknown shape kind {kind!r}; choose from {KINDS + EXTRA_KINDS}")
 
