@@ -1,4 +1,4 @@
-"""The ``ldm`` command: data | train | sample | eval | push | demo | ema. Parses arguments and calls.
+"""The ``ldm`` command: data | train | cache | sample | eval | push | demo | ema. Parses arguments and calls.
 
 Heavy imports happen inside the commands, so ``ldm --help`` is instant.
 """
@@ -61,6 +61,26 @@ def cmd_train_all(args) -> None:
     run_recipe(args.data, args.out, preset=args.preset, text_encoder=args.text_encoder, overrides=args.overrides,
                heldout=args.heldout, seed=args.seed, clip=args.clip, eval_images=args.eval_images,
                caption_column=args.caption_column, image_column=args.image_column)
+
+
+def cmd_cache(args) -> None:
+    if args.action == "verify":
+        from ldm.data.cached import check_cache, read_manifest
+        from ldm.data.shards import REBUILD, DamagedCacheError
+
+        manifest = read_manifest(Path(args.dir))
+        problems = check_cache(Path(args.dir), manifest, full=True)
+        if problems:
+            raise DamagedCacheError(f"latent cache {args.dir} is damaged: {'; '.join(problems)}; {REBUILD}")
+        print(f"{args.dir}: {manifest['examples']} examples in {len(manifest['shards'])} shards, every size and "
+              f"sha256 as the manifest records")
+        return
+    from ldm.config import UNetStageConfig
+    from train.cache import main as build
+
+    folder = build(load_stage_config(UNetStageConfig, args))
+    if os.environ.get("RANK", "0") == "0":
+        print(folder)
 
 
 def cmd_sample(args) -> None:
@@ -156,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_args(stage)
         stage.set_defaults(func=cmd_train)
     add_train_all_args(stages.add_parser("all", help="every stage on your own captioned images, with a preset"))
+
+    cache = sub.add_parser("cache", help="precompute stage 2's latent cache (split across launched processes)")
+    actions = cache.add_subparsers(dest="action", required=True)
+    build = actions.add_parser("build", help="encode the data of a stage-2 config into cache.dir; under torchrun "
+                               "or accelerate launch every process encodes its share")
+    build.add_argument("--config", required=True, help="the stage-2 YAML that will train from the cache")
+    build.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set cache.dir=/shared/cache (repeatable)")
+    build.set_defaults(func=cmd_cache, resume=None)
+    verify = actions.add_parser("verify", help="check every shard of a cache against its manifest (sha256)")
+    verify.add_argument("--dir", required=True, help="the cache folder (cache.dir)")
+    verify.set_defaults(func=cmd_cache)
 
     sample = sub.add_parser("sample", help="generate a PNG grid from a saved pipeline")
     sample.add_argument("--model", required=True, help="pipeline folder or Hub id")

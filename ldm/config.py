@@ -325,6 +325,7 @@ class DiffusionConfig:
     timestep_loc: float = 0.0
     timestep_scale: float = 1.0
     offset_noise: float = 0.0
+    immiscible_noise: bool = False  # assign the batch's noise to latents by minimum distance (Li et al. 2024)
     caption_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
     vlb_weight: float = 0.001  # lambda of L_hybrid when model.learned_variance
 
@@ -404,12 +405,53 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class DreamBoothConfig:
+    """DreamBooth (Ruiz et al. 2023): a few instance images under one identifier prompt, with prior preservation
+    on class images the base pipeline generates for the class prompt (``ldm.dreambooth``). Off while
+    ``instance_data`` is null; on, it replaces ``data.path`` as the training data."""
+
+    instance_data: str | None = None  # folder of the subject's images (captions, if any, are ignored)
+    instance_prompt: str = ""  # the identifier prompt, e.g. "a large red sks circle in the center on a gray background"
+    prior_preservation: bool = True
+    class_prompt: str = ""  # the same prompt without the identifier, e.g. "a large red circle in the ..."
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0  # λ in L = L_instance + λ·L_class
+    class_data: str | None = None  # None = <output_dir>/class_images; missing images are generated there
+    class_steps: int = 20  # DPM-Solver++ steps, guidance and first seed of the generated class images
+    class_guidance: float = 5.0
+    class_seed: int = 0
+
+    def __post_init__(self):
+        if self.instance_data is None:
+            return
+        _check(bool(self.instance_data.strip()), "dreambooth.instance_data", "must be a folder of images or null")
+        _check(bool(self.instance_prompt.strip()), "dreambooth.instance_prompt",
+               "must name the subject with an identifier, e.g. 'a sks circle'")
+        _check(not self.prior_preservation or bool(self.class_prompt.strip()), "dreambooth.class_prompt",
+               "is needed with dreambooth.prior_preservation (the instance prompt without its identifier, e.g. "
+               "'a circle'), or set dreambooth.prior_preservation=false")
+        _check(self.class_prompt.strip() != self.instance_prompt.strip(), "dreambooth.class_prompt",
+               "must differ from dreambooth.instance_prompt (the identifier is what tells them apart)")
+        _at_least("dreambooth.num_class_images", self.num_class_images, 1)
+        _number("dreambooth.prior_loss_weight", self.prior_loss_weight, 0)
+        _check(self.class_data is None or bool(self.class_data.strip()), "dreambooth.class_data",
+               "must be a folder or null")
+        _at_least("dreambooth.class_steps", self.class_steps, 1)
+        _number("dreambooth.class_guidance", self.class_guidance, 0)
+        _check(0 <= self.class_seed < 2**63, "dreambooth.class_seed", f"must be in [0, 2**63), got {self.class_seed}")
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     enabled: bool = True
-    dir: str | None = None  # None = <output_dir>/cache
+    dir: str | None = None  # None = <output_dir>/cache; on a filesystem every process (machine) sees
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage of moments and text states
+    shard_size: int = 1024  # examples per shard file; shards are split among the building processes
+    in_memory: bool = False  # load every shard at start (small caches); default: rows read from disk
 
     def __post_init__(self):
         _check(self.dir is None or bool(self.dir.strip()), "cache.dir", "must be a folder or null")
+        _at_least("cache.shard_size", self.shard_size, 1)
 
 
 @dataclass(frozen=True)
@@ -445,11 +487,20 @@ class UNetStageConfig:
     lora: LoRAConfig = LoRAConfig()
     cache: CacheConfig = CacheConfig()
     push: PushConfig = PushConfig()
+    dreambooth: DreamBoothConfig = DreamBoothConfig()
 
     def __post_init__(self):
         _check_output_dir(self.output_dir, self.data, {"pretrained": self.pretrained, "vae": self.vae,
                                                        "text_encoder": self.text_encoder,
-                                                       "validation.data": self.validation.data})
+                                                       "validation.data": self.validation.data,
+                                                       "dreambooth.instance_data": self.dreambooth.instance_data})
+        if self.dreambooth.instance_data is not None:
+            _check(bool(self.pretrained), "dreambooth.instance_data", "needs `pretrained`: DreamBooth fine-tunes a "
+                   "pipeline (and generates its class images with it)")
+            _check(not self.data.path, "data.path", "must be empty with dreambooth.instance_data (the instance "
+                   "and class images are the training data)")
+            _check(not self.data.streaming and not self.data.buckets, "data.streaming",
+                   "and data.buckets are not supported with dreambooth: its images are square data.resolution")
         for key in ("pretrained", "vae", "text_encoder"):
             value = getattr(self, key)
             _check(value is None or bool(value.strip()), key, "must be a folder, a Hub id or null")

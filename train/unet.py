@@ -6,7 +6,8 @@
 One optimizer step; every random draw is made per example (``ExampleRNG``), in this order:
   0. z  = (μ + σ·ε_z − shift) · s  latent from the VAE posterior moments (cached or fresh), s = scaling_factor
   1. t  ~ U{0, …, T−1}, or by diffusion.timestep_sampling (logit-normal, Laplace on log SNR)
-  2. ε  ~ N(0, I)                   (+ offset noise: a per-channel δ ~ N(0, I), draw 3)
+  2. ε  ~ N(0, I)                   (+ offset noise: a per-channel δ ~ N(0, I), draw 3; with
+                                    diffusion.immiscible_noise the batch's ε are then matched to the z)
   4. u  ~ U[0, 1); c = c_∅ if u < p  caption dropout: the empty prompt's embedding, for CFG
   x_t = √ā_t z + √(1−ā_t) ε;  L = w(SNR_t) · ‖f_θ(x_t, t, c) − target‖²   (+ λ L_vlb with learned variance)
 Because the cache stores exactly the moments a fresh encode computes, and the draws do not depend
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_folder
 from ldm.config import DiffusionConfig, UNetStageConfig
-from ldm.data.cache import CachedLatentDataset, build_cache, collate_cached, fingerprint, module_hash
+from ldm.data.cache import STORAGE_DTYPES, build_cache, fingerprint, module_hash
+from ldm.data.cached import CachedLatentDataset, collate_cached
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
 from ldm.data.streaming import StreamingImageCaptions
@@ -230,18 +232,24 @@ def check_buckets(cfg: UNetStageConfig, parts) -> None:
 
 def training_data(accelerator, cfg: UNetStageConfig, dataset, parts):
     """The dataset the loader reads: cached moments + text states, or images encoded every step."""
-    vae, text_encoder, tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
     if not cfg.cache.enabled or cfg.lora.train_text_encoder:
         if cfg.lora.train_text_encoder and cfg.cache.enabled:
             logger.info("the text encoder is trained: no cache, images and captions are encoded every step")
         return dataset, collate
-    folder = Path(cfg.cache.dir or Path(cfg.output_dir) / "cache")
-    fp = fingerprint(dataset, module_hash(vae), module_hash(text_encoder), torch.float32)
-    if accelerator.is_main_process:
-        build_cache(folder, dataset, fp, encode_images=lambda x: posterior_moments(vae, x),
-                    encode_texts=lambda texts: encode_prompts(text_encoder, tokenizer, texts))
-    accelerator.wait_for_everyone()
-    return CachedLatentDataset(folder, dataset), collate_cached
+    folder = latent_cache(accelerator, cfg, dataset, parts)
+    return CachedLatentDataset(folder, dataset, in_memory=cfg.cache.in_memory), collate_cached
+
+
+def latent_cache(dist, cfg: UNetStageConfig, dataset, parts) -> Path:
+    """The cache folder for ``cfg``: reused when its fingerprint matches, else built by every process of
+    ``dist`` (each encodes its share of the shards; ``ldm.data.cache.build_cache``)."""
+    vae, text_encoder, tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
+    dtype = STORAGE_DTYPES[cfg.cache.dtype]
+    fp = fingerprint(dataset, module_hash(vae), module_hash(text_encoder), dtype)
+    return build_cache(Path(cfg.cache.dir or Path(cfg.output_dir) / "cache"), dataset, fp,
+                       encode_images=lambda x: posterior_moments(vae, x),
+                       encode_texts=lambda texts: encode_prompts(text_encoder, tokenizer, texts), dtype=dtype,
+                       shard_size=cfg.cache.shard_size, dist=dist)
 
 
 @torch.no_grad()
@@ -274,7 +282,7 @@ def training_loss(unet, batch: dict, vae, text_encoder, tokenizer, empty_text: t
     dropped = rng.rand(device) < d.caption_dropout  # 4.
 
     if cached:
-        mean, logvar, text = batch["mean"].to(device), batch["logvar"].to(device), batch["text"].to(device)
+        mean, logvar, text = (batch[k].to(device, torch.float32) for k in ("mean", "logvar", "text"))  # stored dtype
     else:
         mean, logvar = posterior_moments(vae, batch["pixel_values"])
     if any(p.requires_grad for p in text_encoder.parameters()):  # trained: encode "" for dropped captions
@@ -285,6 +293,8 @@ def training_loss(unet, batch: dict, vae, text_encoder, tokenizer, empty_text: t
             text = encode_prompts(text_encoder, tokenizer, batch["caption"], warn=False)
         text = torch.where(dropped[:, None, None], empty_text.to(text.dtype), text)
     z = normalize_latents(mean + (0.5 * logvar).exp() * eps_z, vae.config)
+    if d.immiscible_noise:
+        noise = D.immiscible_noise(z, noise)
     a_t = alphas_cumprod[t]
     x_t = D.add_noise(z, noise, a_t)
     output = unet(x_t, t, encoder_hidden_states=text).sample

@@ -1,0 +1,60 @@
+"""Precompute stage 2's latent + text-embedding cache, split across every process that is launched.
+
+    ldm cache build --config configs/unet/shapes.yaml --set cache.dir=/shared/cache ...      (one process)
+    torchrun --nproc_per_node 8 -m train.cache --config F --set cache.dir=/shared/cache     (eight)
+    accelerate launch -m train.cache --config F --set cache.dir=/shared/cache                (any launcher)
+
+The config is the stage-2 config that will train from the cache: the same VAE, text encoder, data and
+``cache.*`` keys give the same fingerprint, so ``ldm train unet`` (on this machine or any other that
+sees ``cache.dir``) finds the cache current and starts training at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from accelerate import PartialState
+
+from ldm.config import UNetStageConfig
+from ldm.data.cached import read_manifest
+from ldm.data.images import ImageCaptionDataset
+from ldm.entry import stage_entry
+from ldm.errors import UserError
+from ldm.models.unet import load_components
+from ldm.training import setup_logging
+from train.unet import check_buckets, latent_cache
+
+logger = logging.getLogger("train.cache")
+
+
+def main(cfg: UNetStageConfig) -> Path:
+    """Build (or find current) the cache of ``cfg`` with every launched process; return its folder."""
+    if not cfg.cache.enabled or cfg.lora.train_text_encoder:
+        raise UserError("this config trains without the latent cache (cache.enabled=false or "
+                        "lora.train_text_encoder=true): there is nothing to precompute")
+    if cfg.data.streaming:
+        raise UserError("data.streaming=true encodes every step and cannot be cached; set data.streaming=false")
+    state = PartialState()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and state.num_processes == 1:
+        raise RuntimeError(f"launched as {world} processes but accelerate initialised a single one; on CPU set "
+                           f"ACCELERATE_USE_CPU=1 (torchrun) so the processes share the work")
+    setup_logging(state)
+    parts = load_components(cfg)
+    parts.vae.to(state.device)
+    parts.text_encoder.to(state.device)
+    dataset = ImageCaptionDataset(cfg.data)
+    check_buckets(cfg, parts)
+    folder = latent_cache(state, cfg, dataset, parts)
+    if state.is_main_process:
+        manifest = read_manifest(folder)
+        size = sum(r["bytes"] for r in manifest["shards"])
+        logger.info("latent cache %s: %d examples in %d shards, %.1f MB (%s)", folder, manifest["examples"],
+                    len(manifest["shards"]), size / 1e6, manifest["dtype"])
+    return folder
+
+
+if __name__ == "__main__":
+    stage_entry("UNetStageConfig", main)
