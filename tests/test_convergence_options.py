@@ -1,5 +1,6 @@
 """Timestep sampling and loss weightings of stage 2, against hand computations."""
 
+import dataclasses
 import math
 
 import pytest
@@ -69,7 +70,52 @@ def test_loss_weight_follows_the_config():
 
 
 @pytest.mark.parametrize("key,value", [("timestep_scale", 0), ("timestep_loc", float("nan")),
-                                       ("timestep_sampling", "cosine"), ("loss_weighting", "snr")])
+                                       ("timestep_sampling", "cosine"), ("loss_weighting", "snr"),
+                                       ("immiscible_noise", "maybe")])
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"diffusion.{key}"):
         load_config(UNetStageConfig, None, [f"diffusion.{key}={value}"])
+
+
+def test_immiscible_noise_is_the_minimum_distance_permutation():
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(5, 4, 3, 3, generator=g) + 0.5, torch.randn(5, 4, 3, 3, generator=g)
+    matched = D.immiscible_noise(x0, noise)
+
+    def cost(perm):
+        return sum((x0[i] - noise[j]).norm().item() for i, j in enumerate(perm))
+
+    best = min(itertools.permutations(range(5)), key=cost)  # all 120 assignments, by hand
+    assert torch.equal(matched, noise[list(best)])
+    assert cost(best) < cost(range(5))  # this draw is not already optimal: the test can fail
+    assert sorted(map(tuple, matched.flatten(1).tolist())) == sorted(map(tuple, noise.flatten(1).tolist()))
+
+
+def test_immiscible_noise_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="differ in shape"):
+        D.immiscible_noise(torch.zeros(2, 4, 8, 8), torch.zeros(3, 4, 8, 8))
+
+
+def test_immiscible_noise_is_applied_to_the_training_noise(unet_overrides, monkeypatch):
+    from ldm.data.images import ImageCaptionDataset, collate
+    from ldm.models.text import encode_prompts
+    from ldm.models.unet import load_components
+    from train import unet as stage2
+
+    cfg = load_config(UNetStageConfig, None, unet_overrides)
+    parts = load_components(cfg)
+    dataset = ImageCaptionDataset(cfg.data)
+    batch = collate([dataset[(i, 100 + i)] for i in range(6)])
+    empty = encode_prompts(parts.text_encoder, parts.tokenizer, [""])[0]
+
+    def loss(immiscible):
+        d = dataclasses.replace(cfg.diffusion, immiscible_noise=immiscible)
+        return stage2.training_loss(parts.unet, batch, parts.vae, parts.text_encoder, parts.tokenizer, empty,
+                                    parts.scheduler.alphas_cumprod, d, parts.scheduler.config)
+
+    plain, matched = loss(False), loss(True)
+    assert not torch.allclose(plain, matched)
+    monkeypatch.setattr(D, "immiscible_noise", lambda x0, noise: noise)  # the identity matching
+    assert torch.equal(loss(True), plain)

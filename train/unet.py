@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_folder
+from ldm import dreambooth
 from ldm.config import DiffusionConfig, UNetStageConfig
 from ldm.data.cache import STORAGE_DTYPES, build_cache, fingerprint, module_hash
 from ldm.data.cached import CachedLatentDataset, collate_cached
@@ -48,6 +49,7 @@ logger = logging.getLogger("train.unet")
 
 def main(cfg: UNetStageConfig) -> Path:
     start_time = time.time()
+    dreambooth.check_inputs(cfg)  # before any work: a missing instance folder fails here
     accelerator = make_accelerator(cfg.output_dir, cfg.train, cfg)
     log_batch_geometry(accelerator, cfg.train)
     train, device = cfg.train, accelerator.device
@@ -57,6 +59,8 @@ def main(cfg: UNetStageConfig) -> Path:
     unet, scheduler = parts.unet, parts.scheduler
     if train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    dreambooth.prepare_class_images(cfg, parts, device, accelerator.is_main_process)  # from the base model
+    accelerator.wait_for_everyone()
     params = trainable_parameters(unet, text_encoder, cfg.lora)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
@@ -98,7 +102,7 @@ def main(cfg: UNetStageConfig) -> Path:
             with gradient_sync(accelerator, list(models.values()), sync=micro == train.grad_accum_steps - 1):
                 with accelerator.autocast():
                     loss = training_loss(unet, batch, vae, text_encoder, tokenizer, empty_text, alphas_cumprod,
-                                         cfg.diffusion, scheduler.config)
+                                         cfg.diffusion, scheduler.config, cfg.dreambooth.prior_loss_weight)
                 accelerator.backward(loss / train.grad_accum_steps)
             total += loss.detach() / train.grad_accum_steps
         norm = apply_update(accelerator, state, optimizer, lr_scheduler, params, total, train)
@@ -206,6 +210,9 @@ def validation_loss(cfg: UNetStageConfig, heldout, unet, ema, alphas_cumprod, sc
 def training_batches(accelerator, cfg: UNetStageConfig, start: int, parts):
     """An endless iterator of this process's micro-batches from global batch ``start`` on, and its description."""
     train, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
+    if cfg.dreambooth.instance_data is not None:
+        check_buckets(cfg, parts)
+        return dreambooth.training_batches(accelerator, cfg, start)
     loader = dict(num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
     if cfg.data.streaming:
         stream = StreamingImageCaptions(cfg.data, train.seed, rank, world, train.batch_size, start_batches=start)
@@ -261,8 +268,11 @@ def posterior_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def training_loss(unet, batch: dict, vae, text_encoder, tokenizer, empty_text: torch.Tensor,
-                  alphas_cumprod: torch.Tensor, d: DiffusionConfig, schedule) -> torch.Tensor:
-    """The diffusion loss of one micro-batch, from cached moments or from pixels (same draws either way).
+                  alphas_cumprod: torch.Tensor, d: DiffusionConfig, schedule,
+                  prior_loss_weight: float = 1.0) -> torch.Tensor:
+    """The diffusion loss of one micro-batch, from cached moments or from pixels (same draws either way):
+    the mean over its examples, or for a DreamBooth batch (``prior`` marks its class examples) the instance
+    mean + prior_loss_weight x the class mean (``ldm.dreambooth.dreambooth_loss``).
 
     ``schedule`` is the noise scheduler's config: its prediction_type and variance_type define the task.
     A text encoder with trainable weights encodes the captions with gradients ("" where dropped).
@@ -300,8 +310,12 @@ def training_loss(unet, batch: dict, vae, text_encoder, tokenizer, empty_text: t
     output = unet(x_t, t, encoder_hidden_states=text).sample
     weight = loss_weight(D.snr(a_t), d, prediction_type)
     if schedule.variance_type == "learned_range":
-        return D.hybrid_loss(output, z, noise, t, alphas_cumprod, prediction_type, d.vlb_weight, weight).mean()
-    return D.simple_loss(output, D.diffusion_target(z, noise, a_t, prediction_type), weight).mean()
+        losses = D.hybrid_loss(output, z, noise, t, alphas_cumprod, prediction_type, d.vlb_weight, weight)  # (B,)
+    else:
+        losses = D.simple_loss(output, D.diffusion_target(z, noise, a_t, prediction_type), weight)  # (B,)
+    if "prior" in batch:
+        return dreambooth.dreambooth_loss(losses, batch["prior"].to(device), prior_loss_weight)
+    return losses.mean()
 
 
 def loss_weight(snr_t: torch.Tensor, d: DiffusionConfig, prediction_type: str) -> torch.Tensor | None:

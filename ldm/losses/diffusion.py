@@ -183,6 +183,24 @@ def sample_timesteps(u: torch.Tensor, alphas_cumprod: torch.Tensor, kind: str, l
     return (u * num).floor().clamp(0, num - 1).long()
 
 
+def immiscible_noise(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """ε_π: the batch's noise samples reassigned to its latents by a minimum-distance matching.
+
+    Immiscible diffusion (Li et al. 2024, "Immiscible Diffusion", Alg. 1): π = argmin_π Σ_i ‖x0_i − ε_π(i)‖
+    over permutations of the batch (a linear assignment, Hungarian method), so each latent is noised
+    towards a nearby noise sample. Every ε_j is still an exact N(0, I) draw, used exactly once.
+    x0, noise: (B, ...) of equal shape. Returns noise[π].
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if x0.shape != noise.shape:
+        raise ValueError(f"immiscible_noise: latents {tuple(x0.shape)} and noise {tuple(noise.shape)} differ in shape")
+    distance = torch.cdist(x0.detach().flatten(1).double(), noise.flatten(1).double())  # (B, B)
+    rows, cols = linear_sum_assignment(distance.cpu().numpy())
+    assert (rows == range(len(rows))).all()
+    return noise[torch.as_tensor(cols, device=noise.device)]
+
+
 def simple_loss(model_output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """L_simple = w·mean‖target − output‖² per sample (Ho et al. 2020, eq. 14; w e.g. min-SNR)."""
     dtype = torch.promote_types(model_output.dtype, torch.float32)  # half precision -> float32
