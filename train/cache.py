@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from ldm.config import UNetStageConfig
 from ldm.data.cached import read_manifest
@@ -36,7 +37,7 @@ def main(cfg: UNetStageConfig) -> Path:
                         "lora.train_text_encoder=true): there is nothing to precompute")
     if cfg.data.streaming:
         raise UserError("data.streaming=true encodes every step and cannot be cached; set data.streaming=false")
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and state.num_processes == 1:
         raise RuntimeError(f"launched as {world} processes but accelerate initialised a single one; on CPU set "

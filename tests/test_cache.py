@@ -1,0 +1,215 @@
+"""The latent cache at scale: built by several processes, read from disk, damage detected, shared by runs.
+
+"Identical" means: the cache folders are equal file by file, byte by byte (so every stored tensor of
+every example index is equal bit for bit).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldm.checkpoint import load_state_dict
+from ldm.cli import main as cli
+from ldm.config import UNetStageConfig, load_config
+from ldm.data.cache import build_cache, cache_status, fingerprint, module_hash, plan_shards
+from ldm.data.cached import CachedLatentDataset, check_cache, read_manifest
+from ldm.data.images import ImageCaptionDataset
+from ldm.data.shards import DamagedCacheError
+from ldm.models.text import encode_prompts
+from ldm.models.unet import load_components
+from test_unet_stage import logged
+from train import unet as stage2
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+def _cfg(overrides, *extra):
+    return load_config(UNetStageConfig, None, list(overrides) + list(extra))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _build(cfg, folder, dtype=torch.float32, shard_size=10, encode_images=None):
+    parts = load_components(cfg)
+    dataset = ImageCaptionDataset(cfg.data)
+    fp = fingerprint(dataset, module_hash(parts.vae), module_hash(parts.text_encoder), dtype)
+    build_cache(folder, dataset, fp, encode_images or (lambda x: stage2.posterior_moments(parts.vae, x)),
+                lambda t: encode_prompts(parts.text_encoder, parts.tokenizer, t), dtype=dtype, shard_size=shard_size)
+    return dataset, fp
+
+
+def test_disk_reads_equal_in_memory_reads_and_a_run_logs_the_same_losses(unet_overrides, tmp_path):
+    overrides = [*unet_overrides, "data.random_flip=true", f"cache.dir={tmp_path / 'cache'}", "cache.shard_size=7"]
+    a = stage2.main(_cfg(overrides, f"output_dir={tmp_path / 'disk'}"))  # builds the cache, reads rows from disk
+    b = stage2.main(_cfg(overrides, f"output_dir={tmp_path / 'ram'}", "cache.in_memory=true"))  # reuses it
+    assert logged(tmp_path / "disk") == logged(tmp_path / "ram") and len(logged(tmp_path / "disk")) == 4
+    wa, wb = (load_state_dict(p.parent / "checkpoint-4" / "model-unet.safetensors") for p in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    manifest = read_manifest(tmp_path / "cache")
+    assert len(manifest["shards"]) == 7 and manifest["examples"] == 48  # 48 examples in shards of 7
+    disk = CachedLatentDataset(tmp_path / "cache")
+    ram = CachedLatentDataset(tmp_path / "cache", in_memory=True)
+    assert disk.loaded is None and len(disk) == 48
+    for pos in range(48):
+        for seed in (0, 1, 2, 5):  # both flips
+            x, y = disk[(pos, seed)], ram[(pos, seed)]
+            assert x["index"] == pos and all(torch.equal(x[k], y[k]) for k in ("mean", "logvar", "text"))
+
+
+def test_storage_dtype_is_in_the_fingerprint_and_fp16_trains(unet_overrides, tmp_path):
+    run = stage2.main(_cfg(unet_overrides, "cache.dtype=float16"))
+    manifest = read_manifest(tmp_path / "unet" / "cache")
+    assert manifest["dtype"] == "float16" and manifest["fingerprint"]["dtype"] == "torch.float16"
+    shard = load_file(tmp_path / "unet" / "cache" / manifest["shards"][0]["name"])
+    assert {shard[k].dtype for k in ("mean", "logvar", "text")} == {torch.float16}
+    fp16 = logged(tmp_path / "unet")
+    assert len(fp16) == 4 and all(torch.isfinite(torch.tensor(fp16)))
+    assert run.exists()
+    stage2.main(_cfg(unet_overrides, f"output_dir={tmp_path / 'fp32'}"))
+    assert fp16 == pytest.approx(logged(tmp_path / "fp32"), rel=2e-2)  # close, not equal: rounding of storage
+    assert read_manifest(tmp_path / "fp32" / "cache")["fingerprint"] != manifest["fingerprint"]
+    with pytest.raises(Exception, match="cache.dtype"):
+        _cfg(unet_overrides, "cache.dtype=int8")
+
+
+def test_damaged_caches_are_detected_refused_and_rebuilt(unet_overrides, tmp_path, caplog, capsys):
+    cfg = _cfg(unet_overrides)
+    folder = tmp_path / "cache"
+    dataset, fp = _build(cfg, folder)
+    good = _files(folder)
+    shard = folder / read_manifest(folder)["shards"][2]["name"]
+    assert cache_status(folder, fp) == "current"
+
+    shard.write_bytes(good[shard.relative_to(folder).as_posix()][:-100])  # truncated, as by a killed copy
+    assert cache_status(folder, fp) == "damaged"
+    with pytest.raises(DamagedCacheError, match=r"is damaged: bucket-16x16/shard-00002.safetensors has \d+ bytes"):
+        CachedLatentDataset(folder)
+    caplog.set_level("INFO")
+    _build(cfg, folder)
+    assert "is damaged" in caplog.text and "rebuilding" in caplog.text and _files(folder) == good
+
+    data = bytearray(good[shard.relative_to(folder).as_posix()])
+    data[-3] ^= 0xFF  # same size, another byte: only the sha256 sees it
+    shard.write_bytes(bytes(data))
+    assert check_cache(folder, read_manifest(folder)) == []
+    assert check_cache(folder, read_manifest(folder), full=True) == [f"{shard.relative_to(folder).as_posix()} has "
+                                                                     f"another sha256 than the manifest records"]
+    with pytest.raises(SystemExit) as exit_:
+        cli(["cache", "verify", "--dir", str(folder)])
+    assert exit_.value.code == 2 and "another sha256" in capsys.readouterr().err
+    shard.write_bytes(good[shard.relative_to(folder).as_posix()])
+    cli(["cache", "verify", "--dir", str(folder)])
+    assert "48 examples in 5 shards" in capsys.readouterr().out
+
+    shard.unlink()
+    with pytest.raises(DamagedCacheError, match="shard-00002.safetensors is missing"):
+        CachedLatentDataset(folder)
+    (folder / "manifest.json").write_text("{not json")
+    assert cache_status(folder, fp) == "damaged"
+    with pytest.raises(DamagedCacheError, match="no readable manifest.json"):
+        CachedLatentDataset(folder)
+
+
+def test_an_interrupted_build_continues_from_its_finished_shards(unet_overrides, tmp_path):
+    cfg = _cfg(unet_overrides)
+    parts = load_components(cfg)
+    calls = []
+
+    def failing_after_two_shards(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while encoding the third shard
+        return stage2.posterior_moments(parts.vae, pixels)
+
+    with pytest.raises(KeyboardInterrupt):
+        _build(cfg, tmp_path / "cache", encode_images=failing_after_two_shards)
+    assert not (tmp_path / "cache").exists()  # nothing half-built is ever at the cache's path
+    calls.clear()
+
+    def counting(pixels):
+        calls.append(len(pixels))
+        return stage2.posterior_moments(parts.vae, pixels)
+
+    _build(cfg, tmp_path / "cache", encode_images=counting)
+    assert calls == [10, 10, 8]  # shards 2, 3, 4 of 10, 10, 10, 10, 8 examples: the first two were kept
+    _build(cfg, tmp_path / "fresh")
+    assert _files(tmp_path / "cache") == _files(tmp_path / "fresh")
+    assert not (tmp_path / ".tmp-cache").exists()
+
+
+def test_shard_plan_is_a_function_of_the_data_only(unet_overrides):
+    dataset = ImageCaptionDataset(_cfg(unet_overrides).data)
+    plan = plan_shards(dataset, 10)
+    assert [name for name, _ in plan] == [f"bucket-16x16/shard-{k:05d}.safetensors" for k in range(5)]
+    assert sum((p for _, p in plan), []) == list(range(48))
+    assert plan_shards(dataset, 10) == plan and len(plan_shards(dataset, 1024)) == 1
+
+
+def _torchrun(nproc: int, port: int, overrides: list[str]) -> subprocess.CompletedProcess:
+    args = [a for o in overrides for a in ("--set", o)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(port), "-m", "train.cache", "--config", str(REPO / "configs/unet/shapes.yaml"), *args]
+    done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_two_processes_build_the_same_cache_as_one(unet_overrides, tmp_path):
+    base = [o for o in unet_overrides if not o.startswith("output_dir")] + ["data.random_flip=true",
+                                                                            "cache.shard_size=10"]
+    two = _torchrun(2, 29561, base + [f"cache.dir={tmp_path / 'two'}", f"output_dir={tmp_path / 'out'}"])
+    assert "5 shards, 2 process(es)" in two.stderr
+    cli(["cache", "build", "--config", str(REPO / "configs/unet/shapes.yaml"),
+         *[a for o in base + [f"cache.dir={tmp_path / 'one'}", f"output_dir={tmp_path / 'out'}"] for a in ("--set", o)]])
+    one, both = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert one.keys() == both.keys() and len(one) == 7 and all(one[k] == both[k] for k in one)
+    assert json.loads(one["manifest.json"])["examples"] == 48
+
+
+def test_stage2_trains_from_a_prebuilt_cache_without_rebuilding(unet_overrides, tmp_path, caplog):
+    shared = [*unet_overrides, f"cache.dir={tmp_path / 'shared'}", "cache.dtype=bfloat16"]
+    cli(["cache", "build", "--config", str(REPO / "configs/unet/shapes.yaml"),
+         *[a for o in shared for a in ("--set", o)]])
+    stamp = (tmp_path / "shared" / "manifest.json").stat().st_mtime_ns
+    caplog.set_level("INFO")
+    caplog.clear()
+    stage2.main(_cfg(shared, f"output_dir={tmp_path / 'a'}"))
+    assert "is current" in caplog.text and "building" not in caplog.text
+    assert (tmp_path / "shared" / "manifest.json").stat().st_mtime_ns == stamp and not (tmp_path / "a" / "cache").exists()
+    with pytest.raises(SystemExit):  # nothing to precompute
+        cli(["cache", "build", "--config", str(REPO / "configs/unet/shapes.yaml"),
+             *[a for o in shared + ["cache.enabled=false"] for a in ("--set", o)]])
+
+
+@pytest.mark.slow  # ~100 s on one core (three subprocess runs); test_resume's SIGKILL test reads from disk in CI
+def test_kill_and_resume_while_training_from_a_prebuilt_disk_cache_is_exact(unet_overrides, tmp_path):
+    from test_resume import _assert_same_checkpoint, _run, _run_and_kill_after_checkpoint
+
+    base = [o for o in unet_overrides if not o.startswith(("output_dir", "train.max_steps", "train.checkpoint"))]
+    base += ["train.max_steps=12", "train.checkpoint_every=4", "data.random_flip=true", "cache.dtype=float16",
+             f"cache.dir={tmp_path / 'shared'}", "cache.shard_size=8", "train.grad_accum_steps=2"]
+    cli(["cache", "build", "--config", str(REPO / "configs/unet/shapes.yaml"),
+         *[a for o in base + [f"output_dir={tmp_path / 'x'}"] for a in ("--set", o)]])
+    built = _files(tmp_path / "shared")
+    straight = _run("unet", base + [f"output_dir={tmp_path / 'straight'}"])
+    assert "is current" in straight.stderr
+    _run_and_kill_after_checkpoint("unet", base + [f"output_dir={tmp_path / 'killed'}"], tmp_path / "killed", step=4)
+    _run("unet", base + [f"output_dir={tmp_path / 'killed'}"])
+    _assert_same_checkpoint(tmp_path / "straight" / "checkpoint-12", tmp_path / "killed" / "checkpoint-12",
+                            ["model-unet.safetensors", "ema-unet.safetensors", "optim-unet.safetensors"])
+    assert _files(tmp_path / "shared") == built  # read by three runs, rebuilt by none
