@@ -422,6 +422,13 @@ class DreamBoothConfig:
     class_seed: int = 0
 
     def __post_init__(self):
+        _at_least("dreambooth.num_class_images", self.num_class_images, 1)
+        _number("dreambooth.prior_loss_weight", self.prior_loss_weight, 0)
+        _check(self.class_data is None or bool(self.class_data.strip()), "dreambooth.class_data",
+               "must be a folder or null")
+        _at_least("dreambooth.class_steps", self.class_steps, 1)
+        _number("dreambooth.class_guidance", self.class_guidance, 0)
+        _check(0 <= self.class_seed < 2**63, "dreambooth.class_seed", f"must be in [0, 2**63), got {self.class_seed}")
         if self.instance_data is None:
             return
         _check(bool(self.instance_data.strip()), "dreambooth.instance_data", "must be a folder of images or null")
@@ -432,13 +439,6 @@ class DreamBoothConfig:
                "'a circle'), or set dreambooth.prior_preservation=false")
         _check(self.class_prompt.strip() != self.instance_prompt.strip(), "dreambooth.class_prompt",
                "must differ from dreambooth.instance_prompt (the identifier is what tells them apart)")
-        _at_least("dreambooth.num_class_images", self.num_class_images, 1)
-        _number("dreambooth.prior_loss_weight", self.prior_loss_weight, 0)
-        _check(self.class_data is None or bool(self.class_data.strip()), "dreambooth.class_data",
-               "must be a folder or null")
-        _at_least("dreambooth.class_steps", self.class_steps, 1)
-        _number("dreambooth.class_guidance", self.class_guidance, 0)
-        _check(0 <= self.class_seed < 2**63, "dreambooth.class_seed", f"must be in [0, 2**63), got {self.class_seed}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,236 @@
+"""DreamBooth: teach a pipeline one subject from a few images (Ruiz et al. 2023, "DreamBooth: Fine Tuning
+Text-to-Image Diffusion Models for Subject-Driven Generation").
+
+The instance images all carry one identifier prompt ("a sks circle"); the U-Net (LoRA or full) learns
+that the identifier means this subject. Prior preservation (§4.2, eq. 2) keeps what the base model knew
+of the class: images the *base* pipeline generates for the class prompt ("a circle") are trained on
+beside the instance images, so the class prompt keeps producing the class, not the subject:
+
+    L = mean_{i ∈ instance} ℓ_i + λ · mean_{j ∈ class} ℓ_j        ℓ = the stage's per-example diffusion loss
+
+Batches: B instance examples, then B class examples (B = train.batch_size); example k of an epoch pairs
+instance image k mod N_inst with class image k mod N_class, each with its own seed for every draw.
+
+Class images are generated once into ``dreambooth.class_data`` (default ``<output_dir>/class_images``), an
+imagefolder with ``metadata.jsonl`` and a manifest ``dreambooth.json`` of what made them (hashes of the
+base pipeline's models, prompt, sampler settings, resolution, first seed). Image i always comes from seed
+``class_seed + i``, so a later run (or a resume) reuses them and generates only missing ones; a folder made
+for another prompt or model is refused. A folder of your own class images (no manifest) is used as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ldm.config import UNetStageConfig
+from ldm.data.images import IMAGE_SUFFIXES, ImageCaptionDataset, collate
+from ldm.data.sampler import ResumableBatchSampler
+from ldm.errors import UserError
+
+logger = logging.getLogger(__name__)
+MANIFEST = "dreambooth.json"
+
+
+class DreamBoothError(UserError, ValueError):
+    """DreamBooth's instance or class images are missing or do not fit; the message says what to fix."""
+
+
+def dreambooth_loss(losses: torch.Tensor, prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """L = mean_{i: ¬prior_i} ℓ_i + λ · mean_{j: prior_j} ℓ_j  (Ruiz et al. 2023, eq. 2; λ = prior_loss_weight).
+
+    losses: (B,) per-example diffusion losses; prior: (B,) bool, True for class (prior-preservation)
+    examples. Without class examples L is the instance mean alone.
+    """
+    instance = losses[~prior].mean()
+    if not bool(prior.any()):
+        return instance
+    return instance + prior_loss_weight * losses[prior].mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Checks, before any work
+# --------------------------------------------------------------------------------------------
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def check_inputs(cfg: UNetStageConfig) -> None:
+    """The instance folder exists and holds at least one image (no-op when DreamBooth is off)."""
+    db = cfg.dreambooth
+    if db.instance_data is None:
+        return
+    folder = Path(db.instance_data).expanduser()
+    if not folder.is_dir():
+        raise DreamBoothError(f"dreambooth.instance_data {folder} is not a folder; point it at the folder that "
+                              f"holds the subject's images (3-5 are typical)")
+    if not image_files(folder):
+        raise DreamBoothError(f"dreambooth.instance_data {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                              f"; DreamBooth needs at least 1 image of the subject")
+    if db.prior_preservation and class_folder(cfg).resolve() == folder.resolve():
+        raise DreamBoothError(f"dreambooth.class_data {class_folder(cfg)} is the instance folder; class images "
+                              f"must live apart (leave class_data null for <output_dir>/class_images)")
+
+
+def class_folder(cfg: UNetStageConfig) -> Path:
+    return Path(cfg.dreambooth.class_data or Path(cfg.output_dir) / "class_images").expanduser()
+
+
+# --------------------------------------------------------------------------------------------
+# Class images, generated once by the base pipeline
+# --------------------------------------------------------------------------------------------
+def class_manifest(cfg: UNetStageConfig, parts) -> dict:
+    """What makes the class images: the base models' hashes, the prompt and every sampling setting."""
+    from ldm.data.cache import module_hash
+
+    db = cfg.dreambooth
+    return {"class_prompt": db.class_prompt, "base_model": str(cfg.pretrained), "resolution": cfg.data.resolution,
+            "sampler": "dpm++", "steps": db.class_steps, "guidance_scale": db.class_guidance,
+            "first_seed": db.class_seed,
+            "models": {name: module_hash(getattr(parts, name)) for name in ("vae", "text_encoder", "unet")}}
+
+
+def prepare_class_images(cfg: UNetStageConfig, parts, device, is_main: bool = True) -> Path | None:
+    """The class-image folder, complete: reused, extended to ``num_class_images``, or generated (main process).
+
+    Call it before adapters are attached or weights change: the images must come from the base model.
+    """
+    db = cfg.dreambooth
+    if db.instance_data is None or not db.prior_preservation:
+        return None
+    folder = class_folder(cfg)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists() and folder.is_dir() and image_files(folder):
+        return _own_class_images(folder, db.num_class_images)
+    if not is_main:
+        return folder
+    manifest = class_manifest(cfg, parts)
+    if manifest_path.exists():
+        _check_manifest(json.loads(manifest_path.read_text()), manifest, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    have = len(listed_images(folder))
+    if have >= db.num_class_images:
+        logger.info("DreamBooth: reusing %d class images for %r in %s", have, db.class_prompt, folder)
+        return folder
+    logger.info("DreamBooth: generating class images %d-%d of %d for %r with the base pipeline into %s",
+                have, db.num_class_images - 1, db.num_class_images, db.class_prompt, folder)
+    generate_class_images(cfg, parts, folder, have, db.num_class_images, device)
+    return folder
+
+
+def _own_class_images(folder: Path, needed: int) -> Path:
+    found = len(image_files(folder))
+    if found < needed:
+        raise DreamBoothError(f"dreambooth.class_data {folder} holds {found} images of your own (no {MANIFEST}), "
+                              f"fewer than dreambooth.num_class_images={needed}: add images, lower num_class_images, "
+                              f"or point class_data at an empty folder to have them generated")
+    logger.info("DreamBooth: using the class images in %s as they are (no %s: not generated here)", folder, MANIFEST)
+    return folder
+
+
+def _check_manifest(old: dict, new: dict, folder: Path) -> None:
+    differ = [key for key in new if old.get(key) != new[key]]
+    if differ:
+        raise DreamBoothError(f"the class images in {folder} were generated with other {', '.join(differ)} "
+                              f"({', '.join(f'{k}={old.get(k)!r}' for k in differ if k != 'models')}); delete the "
+                              f"folder to regenerate them, or set dreambooth.class_data to another folder")
+
+
+def listed_images(folder: Path) -> list[str]:
+    """File names in ``folder/metadata.jsonl`` (an image counts once its line is written)."""
+    path = folder / "metadata.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["file_name"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def generate_class_images(cfg: UNetStageConfig, parts, folder: Path, start: int, stop: int, device,
+                          batch_size: int = 25) -> None:
+    """Images ``start``..``stop-1`` of the class prompt; image i from its own generator seeded class_seed + i."""
+    from ldm.models.unet import make_pipeline
+    from ldm.sampling import make_scheduler
+
+    db, size = cfg.dreambooth, cfg.data.resolution
+    pipe = make_pipeline(parts, parts.unet, make_scheduler("dpm++", parts.scheduler.config)).to(device)
+    with open(folder / "metadata.jsonl", "a", encoding="utf-8") as meta:
+        for first in tqdm(range(start, stop, batch_size), desc="class images"):
+            indices = range(first, min(first + batch_size, stop))
+            generators = [torch.Generator().manual_seed(db.class_seed + i) for i in indices]
+            images = pipe(db.class_prompt, num_images_per_prompt=len(indices), height=size, width=size,
+                          num_inference_steps=db.class_steps, guidance_scale=db.class_guidance,
+                          generator=generators, output_type="np").images
+            for i, image in zip(indices, images):
+                name = f"{i:05d}.png"
+                Image.fromarray((image * 255).round().astype(np.uint8)).save(folder / f".{name}.tmp", format="PNG")
+                os.replace(folder / f".{name}.tmp", folder / name)
+                meta.write(json.dumps({"file_name": name, "text": db.class_prompt, "seed": db.class_seed + i}) + "\n")
+                meta.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# Training data: instance + class examples in every batch
+# --------------------------------------------------------------------------------------------
+def class_example_seed(seed: int) -> int:
+    """The class example's seed, its own stream derived from its instance partner's seed (63 bits)."""
+    return int(np.random.SeedSequence([seed, 0xC1A55]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class DreamBoothPairs(Dataset):
+    """Item ``(k, seed)``: instance image k mod N_inst with the instance prompt, and (with prior
+    preservation) class image k mod N_class with the class prompt."""
+
+    def __init__(self, instances: ImageCaptionDataset, classes: ImageCaptionDataset | None, instance_prompt: str,
+                 class_prompt: str, length: int):
+        self.instances, self.classes, self.length = instances, classes, length
+        self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key) -> tuple[dict, dict | None]:
+        k, seed = key
+        instance = self.instances[(k % len(self.instances), seed)] | {"caption": self.instance_prompt}
+        if self.classes is None:
+            return instance, None
+        other = self.classes[(k % len(self.classes), class_example_seed(seed))] | {"caption": self.class_prompt}
+        return instance, other
+
+
+def collate_pairs(items: list[tuple[dict, dict | None]]) -> dict:
+    """One batch: the instance examples, then the class examples; ``prior`` marks the class ones."""
+    instances, classes = [a for a, _ in items], [b for _, b in items if b is not None]
+    batch = collate(instances + classes)
+    batch["prior"] = torch.tensor([False] * len(instances) + [True] * len(classes))
+    return batch
+
+
+def training_batches(accelerator, cfg: UNetStageConfig, start: int):
+    """An endless iterator of this process's DreamBooth batches from global batch ``start`` on, and its description."""
+    db, train = cfg.dreambooth, cfg.train
+    data = dataclasses.replace(cfg.data, path=str(db.instance_data), max_samples=None)
+    instances = ImageCaptionDataset(data, need_captions=False)
+    classes = None
+    if db.prior_preservation:
+        folder = class_folder(cfg)
+        classes = ImageCaptionDataset(dataclasses.replace(data, path=str(folder), max_samples=db.num_class_images),
+                                      need_captions=False)
+    length = max(len(instances), len(classes or ()), train.batch_size * accelerator.num_processes)
+    pairs = DreamBoothPairs(instances, classes, db.instance_prompt, db.class_prompt, length)
+    sampler = ResumableBatchSampler([list(range(length))], train.batch_size, train.seed, accelerator.process_index,
+                                    accelerator.num_processes, start=start)
+    loader = DataLoader(pairs, batch_sampler=sampler, collate_fn=collate_pairs, num_workers=cfg.data.num_workers)
+    source = (f"DreamBooth: {len(instances)} instance image(s) as {db.instance_prompt!r}" +
+              (f" + {len(classes)} class images as {db.class_prompt!r} (prior_loss_weight {db.prior_loss_weight:g})"
+               if classes is not None else ", no prior preservation") + ", encoded every step")
+    return iter(loader), source
