@@ -55,7 +55,8 @@ def _build(cfg, folder, dtype=torch.float32, shard_size=10, encode_images=None):
 
 def test_disk_reads_equal_in_memory_reads_and_a_run_logs_the_same_losses(unet_overrides, tmp_path):
     overrides = [*unet_overrides, "data.random_flip=true", f"cache.dir={tmp_path / 'cache'}", "cache.shard_size=7"]
-    a = stage2.main(_cfg(overrides, f"output_dir={tmp_path / 'disk'}"))  # builds the cache, reads rows from disk
+    a = stage2.main(_cfg(overrides, f"output_dir={tmp_path / 'disk'}", "data.num_workers=1"))  # builds the cache;
+    # rows read from disk in a forked DataLoader worker
     b = stage2.main(_cfg(overrides, f"output_dir={tmp_path / 'ram'}", "cache.in_memory=true"))  # reuses it
     assert logged(tmp_path / "disk") == logged(tmp_path / "ram") and len(logged(tmp_path / "disk")) == 4
     wa, wb = (load_state_dict(p.parent / "checkpoint-4" / "model-unet.safetensors") for p in (a, b))

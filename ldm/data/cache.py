@@ -118,6 +118,28 @@ def cache_status(folder: Path, fp: dict) -> str:
     return "damaged" if check_cache(folder, manifest) else "current"
 
 
+def main_decides(dist, decide: Callable[[], str]) -> str:
+    """``decide()`` on the main process, its answer (or its error) on every process of ``dist``.
+
+    One process reads the cache's state, not every process of every machine, and all of them act
+    on the same answer (caches of a shared filesystem may differ between machines for a moment).
+    Without an initialised process group (a one-process ``dist``) every process decides alone.
+    """
+    if dist.num_processes == 1 or not torch.distributed.is_initialized():
+        return decide()
+    answer: list = [None]
+    if dist.is_main_process:
+        try:
+            answer = [("ok", decide())]
+        except Exception as err:  # raised on every process, so none waits at a barrier for ever
+            answer = [("error", err)]
+    torch.distributed.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise value
+    return value
+
+
 def is_current(folder: Path, expected: dict) -> bool:
     return cache_status(Path(folder), expected) == "current"
 
@@ -134,7 +156,7 @@ def build_cache(folder: str | Path, dataset: ImageCaptionDataset, fp: dict,
     every process sees.
     """
     dist, folder = dist or SingleProcess(), Path(folder)
-    status = cache_status(folder, fp)  # every process looks before the main process changes anything
+    status = main_decides(dist, lambda: cache_status(folder, fp))  # one answer for all, before any change
     if status == "current":
         logger.info("latent cache %s is current", folder)
         return folder
