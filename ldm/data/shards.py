@@ -76,13 +76,14 @@ class Shard:
         return list(self.tensors)
 
     def row(self, key: str, i: int, fd: int) -> torch.Tensor:
-        """Row ``i`` of tensor ``key`` read through the open file ``fd``: shape ``shape[1:]``."""
+        """Row ``i`` of tensor ``key`` read through the open file ``fd`` straight into a new tensor of shape
+        ``shape[1:]`` (``preadv`` into its memory: no intermediate copy)."""
         dtype, shape, begin, end = self.tensors[key]
         width = (end - begin) // shape[0]
-        data = os.pread(fd, width, self.base + begin + i * width)
-        if len(data) != width:
+        out = torch.empty(shape[1:], dtype=dtype)
+        if os.preadv(fd, [out.view(-1).view(torch.uint8).numpy()], self.base + begin + i * width) != width:
             raise DamagedCacheError(f"cache shard {self.path} is truncated (row {i} of {key}); {REBUILD}")
-        return torch.frombuffer(bytearray(data), dtype=dtype).view(shape[1:])
+        return out
 
     def rows(self, keys: list[str], i: int) -> dict[str, torch.Tensor]:
         """Row ``i`` of every tensor in ``keys`` (one open, one read per tensor)."""
