@@ -214,3 +214,24 @@ def test_kill_and_resume_while_training_from_a_prebuilt_disk_cache_is_exact(unet
     _assert_same_checkpoint(tmp_path / "straight" / "checkpoint-12", tmp_path / "killed" / "checkpoint-12",
                             ["model-unet.safetensors", "ema-unet.safetensors", "optim-unet.safetensors"])
     assert _files(tmp_path / "shared") == built  # read by three runs, rebuilt by none
+
+
+def test_shard_rows_read_from_disk_equal_the_saved_tensors(tmp_path):
+    from ldm.data.shards import Shard, save_shard
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(5, 3, 2, generator=g).to(torch.bfloat16), "b": torch.randn(5, 7, generator=g).half(),
+               "index": torch.arange(5) * 3}
+    record = save_shard(tmp_path / "s.safetensors", tensors)
+    assert record["bytes"] == (tmp_path / "s.safetensors").stat().st_size and len(record["sha256"]) == 64
+    shard = Shard(tmp_path / "s.safetensors")
+    assert len(shard) == 5 and torch.equal(shard.column("index"), tensors["index"])
+    for i in range(5):
+        rows = shard.rows(["a", "b"], i)
+        assert all(rows[k].dtype == tensors[k].dtype and torch.equal(rows[k], tensors[k][i]) for k in rows)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(DamagedCacheError, match="bad.safetensors cannot be read"):
+        Shard(tmp_path / "bad.safetensors")
+    (tmp_path / "short.safetensors").write_bytes((tmp_path / "s.safetensors").read_bytes()[:-8])
+    with pytest.raises(DamagedCacheError, match="short.safetensors is truncated"):
+        Shard(tmp_path / "short.safetensors")
