@@ -23,9 +23,9 @@ from ldm.data.cached import read_manifest
 from ldm.data.images import ImageCaptionDataset
 from ldm.entry import stage_entry
 from ldm.errors import UserError
-from ldm.models.unet import load_components
+from ldm.models.unet import Components, load_frozen_encoders, vae_scale_factor
 from ldm.training import setup_logging
-from train.unet import check_buckets, latent_cache
+from train.unet import latent_cache
 
 logger = logging.getLogger("train.cache")
 
@@ -43,11 +43,13 @@ def main(cfg: UNetStageConfig) -> Path:
         raise RuntimeError(f"launched as {world} processes but accelerate initialised a single one; on CPU set "
                            f"ACCELERATE_USE_CPU=1 (torchrun) so the processes share the work")
     setup_logging(state)
-    parts = load_components(cfg)
-    parts.vae.to(state.device)
-    parts.text_encoder.to(state.device)
+    vae, text_encoder, tokenizer = load_frozen_encoders(cfg)  # no U-Net: the cache does not need one
+    f = vae_scale_factor(vae)
+    bad = [b for b in cfg.data.buckets if b[0] % f or b[1] % f]
+    if bad:
+        raise UserError(f"data.buckets {bad}: sides must be multiples of the VAE's downsampling factor {f}")
     dataset = ImageCaptionDataset(cfg.data)
-    check_buckets(cfg, parts)
+    parts = Components(vae.to(state.device), text_encoder.to(state.device), tokenizer, None, None)
     folder = latent_cache(state, cfg, dataset, parts)
     if state.is_main_process:
         manifest = read_manifest(folder)

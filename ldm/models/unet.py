@@ -99,22 +99,34 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
 
 def load_components(cfg: UNetStageConfig) -> Components:
     """Frozen VAE and text encoder, the U-Net to train and its schedule (new, or from ``cfg.pretrained``)."""
-    for key, marker, what in (("pretrained", "model_index.json", "pipeline"), ("vae", "config.json", "VAE"),
-                              ("text_encoder", None, "text encoder")):
-        if getattr(cfg, key) and (key == "pretrained" or not cfg.pretrained):
-            model_location(getattr(cfg, key), key, marker, what)  # a clear error for a wrong folder or id
+    if not cfg.pretrained and cfg.lora.rank > 0:
+        raise ValueError("lora.rank > 0 trains adapters for a base model: set `pretrained` to the pipeline "
+                         "folder or Hub id to adapt (or lora.rank=0 to train a new U-Net)")
+    vae, text_encoder, tokenizer = load_frozen_encoders(cfg)
     if cfg.pretrained:
         src = cfg.pretrained
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae")
-        text_encoder, tokenizer = load_text_encoder(src)
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
         scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(src, subfolder="scheduler"))
         logger.info("fine-tuning %s: its noise schedule (%s, %s) is used; diffusion.* schedule keys are ignored",
                     src, scheduler.config.beta_schedule, scheduler.config.prediction_type)
     else:
-        if cfg.lora.rank > 0:
-            raise ValueError("lora.rank > 0 trains adapters for a base model: set `pretrained` to the pipeline "
-                             "folder or Hub id to adapt (or lora.rank=0 to train a new U-Net)")
+        unet = build_unet(cfg.model, cfg.data.resolution // vae_scale_factor(vae), vae.config.latent_channels,
+                          text_encoder.config.hidden_size)
+        scheduler = build_noise_scheduler(cfg.diffusion, cfg.model.learned_variance)
+    return Components(vae, text_encoder, tokenizer, unet, scheduler)
+
+
+def load_frozen_encoders(cfg: UNetStageConfig):
+    """(vae, text_encoder, tokenizer) of a stage-2 config, frozen and in eval mode: from ``cfg.pretrained``,
+    or from ``cfg.vae`` + ``cfg.text_encoder`` (what the latent cache needs; no U-Net is built)."""
+    for key, marker, what in (("pretrained", "model_index.json", "pipeline"), ("vae", "config.json", "VAE"),
+                              ("text_encoder", None, "text encoder")):
+        if getattr(cfg, key) and (key == "pretrained" or not cfg.pretrained):
+            model_location(getattr(cfg, key), key, marker, what)  # a clear error for a wrong folder or id
+    if cfg.pretrained:
+        vae = AutoencoderKL.from_pretrained(cfg.pretrained, subfolder="vae")
+        text_encoder, tokenizer = load_text_encoder(cfg.pretrained)
+    else:
         for key in ("vae", "text_encoder"):
             if not getattr(cfg, key):
                 raise ValueError(f"set `{key}` to the folder stage {1 if key == 'vae' else 0} saved (or set "
@@ -125,12 +137,9 @@ def load_components(cfg: UNetStageConfig) -> Components:
         if cfg.data.resolution % f:
             raise ValueError(f"data.resolution {cfg.data.resolution} is not a multiple of the VAE's downsampling "
                              f"factor {f}")
-        unet = build_unet(cfg.model, cfg.data.resolution // f, vae.config.latent_channels,
-                          text_encoder.config.hidden_size)
-        scheduler = build_noise_scheduler(cfg.diffusion, cfg.model.learned_variance)
     vae.requires_grad_(False).eval()
     text_encoder.requires_grad_(False).eval()
-    return Components(vae, text_encoder, tokenizer, unet, scheduler)
+    return vae, text_encoder, tokenizer
 
 
 def trainable_parameters(unet: UNet2DConditionModel, text_encoder, lora: LoRAConfig) -> list:
