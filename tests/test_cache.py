@@ -148,6 +148,14 @@ def test_an_interrupted_build_continues_from_its_finished_shards(unet_overrides,
 
     _build(cfg, tmp_path / "cache", encode_images=counting)
     assert calls == [10, 10, 8]  # shards 2, 3, 4 of 10, 10, 10, 10, 8 examples: the first two were kept
+    calls.clear()  # interrupted again, then continued with another shard size (the same shard names):
+    with pytest.raises(KeyboardInterrupt):
+        _build(cfg, tmp_path / "other", encode_images=failing_after_two_shards)  # shards of 10, 10, 10, 10, 8
+    calls.clear()
+    _build(cfg, tmp_path / "other", shard_size=11, encode_images=counting)  # shards of 11, 11, 11, 11, 4
+    assert calls == [11, 11, 11, 11, 4]  # nothing of the other plan was reused
+    a, b = CachedLatentDataset(tmp_path / "other"), CachedLatentDataset(tmp_path / "cache")
+    assert all(torch.equal(a[(i, 0)][k], b[(i, 0)][k]) for i in range(48) for k in ("mean", "logvar", "text"))
     _build(cfg, tmp_path / "fresh")
     assert _files(tmp_path / "cache") == _files(tmp_path / "fresh")
     assert not (tmp_path / ".tmp-cache").exists()

@@ -167,7 +167,8 @@ def build_cache(folder: str | Path, dataset: ImageCaptionDataset, fp: dict,
         logger.log(logging.WARNING if status == "damaged" else logging.INFO, "latent cache %s %s: %s it "
                    "(%d examples, %d shards, %d process(es))", folder, REASONS[status],
                    "building" if status == "absent" else "rebuilding", len(dataset), len(plan), dist.num_processes)
-        open_staging(staging, {"fingerprint": fp, "shards": [name for name, _ in plan], "batch_size": batch_size})
+        open_staging(staging, {"fingerprint": fp, "shards": [name for name, _ in plan], "shard_size": shard_size,
+                               "batch_size": batch_size})
     dist.wait_for_everyone()
     mine = plan[dist.process_index::dist.num_processes]
     for name, positions in tqdm(mine, desc="caching latents", disable=not dist.is_main_process):
