@@ -22,7 +22,8 @@ resident set size of those steps (model, AdamW state, activations; the kernel's 
 and trains ``--steps`` steps from it with train/unet.py's loader and loss (a DataLoader without
 workers, so every read happens in this process). Printed: peak RSS above the baseline against the
 cache's size on disk, for rows read from disk (the default) and for ``cache.in_memory=true``, the peak
-above the resting RSS after warm-up as well, and whether both modes trained with the same losses.
+above the resting RSS after warm-up as well, and whether both modes trained with the same losses. (A
+value slightly below 0 means the steps from the cache peaked lower than the warm-up steps: no growth.)
 """
 
 from __future__ import annotations
