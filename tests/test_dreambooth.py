@@ -173,6 +173,17 @@ def test_dreambooth_lora_run_loads_in_stock_diffusers_and_resumes_without_regene
     assert trainer["step"] == 6 and len(seen) == 6
 
 
+def test_full_fine_tune_dreambooth_saves_a_pipeline_with_a_changed_unet(tmp_path, tiny_pipeline_dir, rings):
+    from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
+
+    final = stage2.main(_cfg(tmp_path, tiny_pipeline_dir, rings, "lora.rank=0", "train.ema_decay=null",
+                             "train.max_steps=2"))
+    before = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_dir).unet.state_dict()
+    after = LatentDiffusionPipeline.from_pretrained(final).unet.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((final / "training.json").read_text())["config"]["dreambooth"]["instance_prompt"] == INSTANCE
+
+
 def test_without_prior_preservation_batches_hold_only_instances(tmp_path, tiny_pipeline_dir, rings, monkeypatch):
     seen = []
     original = stage2.training_loss
