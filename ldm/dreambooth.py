@@ -139,7 +139,8 @@ def _own_class_images(folder: Path, needed: int) -> Path:
 
 
 def _check_manifest(old: dict, new: dict, folder: Path) -> None:
-    differ = [key for key in new if old.get(key) != new[key]]
+    """Same prompt, settings and model weights (the base model's path may move: its hashes decide)."""
+    differ = [key for key in new if key != "base_model" and old.get(key) != new[key]]
     if differ:
         raise DreamBoothError(f"the class images in {folder} were generated with other {', '.join(differ)} "
                               f"({', '.join(f'{k}={old.get(k)!r}' for k in differ if k != 'models')}); delete the "

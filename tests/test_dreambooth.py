@@ -119,6 +119,10 @@ def test_class_images_are_deterministic_and_reused(tmp_path, tiny_pipeline_dir, 
     monkeypatch.setattr(dreambooth, "generate_class_images", lambda *a, **k: pytest.fail("regenerated"))
     assert dreambooth.prepare_class_images(more, parts, "cpu") == folder
     assert dreambooth.prepare_class_images(cfg, parts, "cpu") == folder  # fewer wanted: the first 3 are used
+    import shutil
+
+    moved = shutil.copytree(tiny_pipeline_dir, tmp_path / "moved")  # the same weights elsewhere: still reused
+    assert dreambooth.prepare_class_images(_cfg(tmp_path, moved, rings, out="a"), parts, "cpu") == folder
 
     # made for another prompt: refused, not mixed
     changed = _cfg(tmp_path, tiny_pipeline_dir, rings, "dreambooth.class_prompt='a small red circle'", out="a")
