@@ -202,15 +202,15 @@ def atomic_folder(final: str | Path):
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
-        _replace_folder(tmp, final)
+        fsync_tree(tmp)
+        replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def restore_interrupted_replace(final: Path) -> None:
-    """A kill between the two renames of ``_replace_folder`` leaves ``final`` missing and the previous
+    """A kill between the two renames of ``replace_folder`` leaves ``final`` missing and the previous
     version at ``.old-<name>``: put it back, so the user keeps it until a new one is complete."""
     old = final.parent / f".old-{final.name}"
     if old.is_dir() and not final.exists():
@@ -235,11 +235,11 @@ def fresh_folder(path: Path) -> Path:
 def commit_checkpoint(tmp: Path, final: Path) -> None:
     """Write the manifest, fsync everything, then rename ``tmp`` to ``final``: the atomic last step."""
     write_manifest(tmp)
-    _fsync_tree(tmp)
-    _replace_folder(tmp, final)
+    fsync_tree(tmp)
+    replace_folder(tmp, final)
 
 
-def _replace_folder(new: Path, final: Path) -> None:
+def replace_folder(new: Path, final: Path) -> None:
     """Rename ``new`` to ``final``; an existing ``final`` (e.g. an incomplete one) is set aside first."""
     old = final.parent / f".old-{final.name}"
     if final.exists():
@@ -288,8 +288,9 @@ def load_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
+def fsync_tree(folder: Path, files: bool = True) -> None:
+    """fsync every file (unless ``files=False``) and every directory under ``folder``, and ``folder``."""
+    for path in folder.rglob("*") if files else []:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())

@@ -4,10 +4,14 @@
 every example index is equal bit for bit).
 """
 
+import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,8 @@ from safetensors.torch import load_file
 from ldm.checkpoint import load_state_dict
 from ldm.cli import main as cli
 from ldm.config import UNetStageConfig, load_config
-from ldm.data.cache import build_cache, cache_status, fingerprint, module_hash, plan_shards
+import ldm.data.cache as cache_module
+from ldm.data.cache import CacheInUseError, build_cache, cache_status, fingerprint, module_hash, plan_shards
 from ldm.data.cached import CachedLatentDataset, check_cache, read_manifest
 from ldm.data.images import ImageCaptionDataset
 from ldm.data.shards import DamagedCacheError
@@ -96,6 +101,16 @@ def test_damaged_caches_are_detected_refused_and_rebuilt(unet_overrides, tmp_pat
     shard = folder / read_manifest(folder)["shards"][2]["name"]
     assert cache_status(folder, fp) == "current"
 
+    reader = CachedLatentDataset(folder)
+    pos = int((reader.shard_of == 2).nonzero()[0][0])
+    reader[(pos, 0)]
+    data = bytearray(good[shard.relative_to(folder).as_posix()])
+    data[-3] ^= 0xFF  # another job's shard of the same size, moved into place (a new file) while this one reads
+    (folder / "new").write_bytes(bytes(data))
+    os.replace(folder / "new", shard)
+    with pytest.raises(DamagedCacheError, match="shard-00002.safetensors was replaced while in use"):
+        reader[(pos, 0)]
+
     shard.write_bytes(good[shard.relative_to(folder).as_posix()][:-100])  # truncated, as by a killed copy
     assert cache_status(folder, fp) == "damaged"
     with pytest.raises(DamagedCacheError, match=r"is damaged: bucket-16x16/shard-00002.safetensors has \d+ bytes"):
@@ -141,6 +156,9 @@ def test_an_interrupted_build_continues_from_its_finished_shards(unet_overrides,
         _build(cfg, tmp_path / "cache", encode_images=failing_after_two_shards)
     assert not (tmp_path / "cache").exists()  # nothing half-built is ever at the cache's path
     calls.clear()
+    staging = tmp_path / ".tmp-cache"  # what a SIGKILL inside save_shard / write_json leaves behind:
+    (staging / "bucket-16x16" / ".shard-00002.safetensors.tmp-4242").write_bytes(b"half a shard")
+    (staging / "bucket-16x16" / ".shard-00001.safetensors.json.tmp-4242").write_text('{"bytes"')
 
     def counting(pixels):
         calls.append(len(pixels))
@@ -169,20 +187,55 @@ def test_shard_plan_is_a_function_of_the_data_only(unet_overrides):
     assert plan_shards(dataset, 10) == plan and len(plan_shards(dataset, 1024)) == 1
 
 
-def _torchrun(nproc: int, port: int, overrides: list[str]) -> subprocess.CompletedProcess:
+# ``python -m train.cache`` with test hooks: RECORD_SHARES=<dir> writes the first example position of every
+# shard each process encodes to <dir>/rank-<r>.txt; HIDE_FROM_MAIN=1 hides the odd shards (process 1's) from
+# the main process, as a node-local cache.dir would.
+WORKER = """
+import os
+import ldm.data.cache as C
+
+rank = int(os.environ["RANK"])
+if os.environ.get("RECORD_SHARES"):
+    def recorded(dataset, positions, *args, encode=C._encode_group):
+        with open(os.path.join(os.environ["RECORD_SHARES"], f"rank-{rank}.txt"), "a") as f:
+            f.write(f"{positions[0]}\\n")
+        return encode(dataset, positions, *args)
+    C._encode_group = recorded
+if os.environ.get("HIDE_FROM_MAIN") and rank == 0:
+    C.shard_done = lambda staging, name, done=C.shard_done: done(staging, name) and int(name[-17:-12]) % 2 == 0
+
+from ldm.entry import stage_entry
+from train.cache import main
+stage_entry("UNetStageConfig", main)
+"""
+
+
+def _torchrun(nproc: int, port: int, overrides: list[str], worker: Path | None = None, env: dict | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
     args = [a for o in overrides for a in ("--set", o)]
+    target = [str(worker)] if worker else ["-m", "train.cache"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(port), "-m", "train.cache", "--config", str(REPO / "configs/unet/shapes.yaml"), *args]
-    done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+               str(port), *target, "--config", str(REPO / "configs/unet/shapes.yaml"), *args]
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [ENV.get("PYTHONPATH")])]), **(env or {})}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # never hangs
+    assert not check or done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def _worker(tmp_path: Path) -> Path:
+    (tmp_path / "worker.py").write_text(WORKER)
+    return tmp_path / "worker.py"
 
 
 def test_two_processes_build_the_same_cache_as_one(unet_overrides, tmp_path):
     base = [o for o in unet_overrides if not o.startswith("output_dir")] + ["data.random_flip=true",
                                                                             "cache.shard_size=10"]
-    two = _torchrun(2, 29561, base + [f"cache.dir={tmp_path / 'two'}", f"output_dir={tmp_path / 'out'}"])
+    (tmp_path / "shares").mkdir()
+    two = _torchrun(2, 29561, base + [f"cache.dir={tmp_path / 'two'}", f"output_dir={tmp_path / 'out'}"],
+                    worker=_worker(tmp_path), env={"RECORD_SHARES": str(tmp_path / "shares")})
     assert "5 shards, 2 process(es)" in two.stderr
+    shares = {r: (tmp_path / "shares" / f"rank-{r}.txt").read_text().split() for r in (0, 1)}
+    assert shares == {0: ["0", "20", "40"], 1: ["10", "30"]}  # shards 0, 2, 4 and 1, 3 (of 10 examples), each once
     cli(["cache", "build", "--config", str(REPO / "configs/unet/shapes.yaml"),
          *[a for o in base + [f"cache.dir={tmp_path / 'one'}", f"output_dir={tmp_path / 'out'}"] for a in ("--set", o)]])
     one, both = _files(tmp_path / "one"), _files(tmp_path / "two")
@@ -203,6 +256,82 @@ def test_stage2_trains_from_a_prebuilt_cache_without_rebuilding(unet_overrides, 
     with pytest.raises(SystemExit):  # nothing to precompute
         cli(["cache", "build", "--config", str(REPO / "configs/unet/shapes.yaml"),
              *[a for o in shared + ["cache.enabled=false"] for a in ("--set", o)]])
+
+
+@pytest.mark.slow  # ~50 s on one core (two torchrun processes)
+def test_an_error_on_one_process_is_raised_on_every_process(unet_overrides, tmp_path):
+    """The main process finds process 1's shards missing (a node-local cache.dir): both processes stop with
+    the message (before, process 1 waited at a barrier for the main process that had failed)."""
+    base = [o for o in unet_overrides if not o.startswith("output_dir")] + ["cache.shard_size=10"]
+    done = _torchrun(2, 29563, base + [f"cache.dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}"],
+                     worker=_worker(tmp_path), env={"HIDE_FROM_MAIN": "1"}, check=False)
+    assert done.returncode != 0
+    message = "shard-00001.safetensors, bucket-16x16/shard-00003.safetensors were not written"
+    assert done.stderr.count(message) >= 2 and done.stderr.count("is it node-local?") >= 2, done.stderr[-3000:]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_folder_with_another_manifest_json_is_refused_and_left_as_it_was(unet_overrides, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my work")
+    for foreign in ('{"name": "my project", "files": ["notes.txt"]}', '{"shards": [], "fingerprint": {}}',
+                    '{"truncated": '):
+        (folder / "manifest.json").write_text(foreign)
+        with pytest.raises(FileExistsError, match="has a manifest.json that is not a latent cache's"):
+            cache_status(folder, {"version": 2})
+    before = _files(folder)
+    refused = rf"{re.escape(str(folder))} has a manifest.json .*nothing in .*was changed"
+    with pytest.raises(FileExistsError, match=refused):
+        _build(_cfg(unet_overrides), folder)
+    assert _files(folder) == before and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_second_build_of_the_same_cache_at_the_same_time_is_refused(unet_overrides, tmp_path):
+    cfg = _cfg(unet_overrides)
+    fd = os.open(tmp_path / ".cache.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another job, building
+    os.write(fd, b"pid 7 on elsewhere")
+    with pytest.raises(CacheInUseError, match=r"being built by another job \(pid 7 on elsewhere\)"):
+        _build(cfg, tmp_path / "cache")
+    assert not (tmp_path / ".tmp-cache").exists() and not (tmp_path / "cache").exists()
+    os.close(fd)
+    _build(cfg, tmp_path / "cache")
+    fd = os.open(tmp_path / ".cache.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the build ended
+    os.close(fd)
+
+
+def test_a_build_killed_while_committing_keeps_its_shards(unet_overrides, tmp_path, monkeypatch):
+    cfg = _cfg(unet_overrides)
+    parts = load_components(cfg)
+    calls = []
+
+    def counting(pixels):
+        calls.append(len(pixels))
+        return stage2.posterior_moments(parts.vae, pixels)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # killed after the manifest is written, before the rename
+
+    monkeypatch.setattr(cache_module, "fsync_tree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _build(cfg, tmp_path / "cache", encode_images=counting)
+    monkeypatch.undo()
+    assert calls == [10, 10, 10, 10, 8] and not (tmp_path / "cache").exists()
+    calls.clear()
+    _build(cfg, tmp_path / "cache", encode_images=counting)
+    assert calls == []  # every shard kept
+    assert cache_status(tmp_path / "cache", read_manifest(tmp_path / "cache")["fingerprint"]) == "current"
+
+
+def test_the_main_process_waits_a_moment_for_shards_a_shared_filesystem_shows_late(tmp_path):
+    (tmp_path / "s.safetensors").write_bytes(b"x" * 10)
+    threading.Timer(0.3, (tmp_path / "s.safetensors.json").write_text, ['{"bytes": 10}']).start()
+    assert cache_module._missing_shards(tmp_path, ["s.safetensors"]) == []
+    start = time.monotonic()
+    assert cache_module._missing_shards(tmp_path, ["s.safetensors", "t.safetensors"]) == ["t.safetensors"]
+    assert 1.5 < time.monotonic() - start < 3  # a few tries over ~2 s, then reported
 
 
 @pytest.mark.slow  # ~100 s on one core (three subprocess runs); test_resume's SIGKILL test reads from disk in CI
@@ -243,3 +372,8 @@ def test_shard_rows_read_from_disk_equal_the_saved_tensors(tmp_path):
     (tmp_path / "short.safetensors").write_bytes((tmp_path / "s.safetensors").read_bytes()[:-8])
     with pytest.raises(DamagedCacheError, match="short.safetensors is truncated"):
         Shard(tmp_path / "short.safetensors")
+    for entry in ({"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}, {"dtype": "F32", "shape": [1]}):
+        header = json.dumps({"a": entry}).encode()
+        (tmp_path / "odd.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+        with pytest.raises(DamagedCacheError, match="odd.safetensors has an unreadable header"):
+            Shard(tmp_path / "odd.safetensors")

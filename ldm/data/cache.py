@@ -11,17 +11,23 @@ encoder's hidden states of its caption, in safetensors shards, one folder per as
 
 Building (``build_cache``): the shards are a pure function of the dataset and ``cache.shard_size``
 (``plan_shards``); process ``r`` of ``W`` encodes shards ``r, r + W, r + 2W, …`` into a staging folder
-``.tmp-<cache>`` beside the cache, each shard written atomically with a record of its size and hash. After
-a barrier the main process writes ``empty.safetensors`` and the manifest, and renames the staging folder
-into place: the cache appears complete or not at all, and is the same, byte for byte, whatever the number
-of processes. A killed build keeps its finished shards; the next build with the same plan continues.
+``.tmp-<cache>`` beside the cache, each shard written atomically with a record of its size and hash. Then
+the main process writes ``empty.safetensors`` and the manifest, and renames the staging folder into place:
+the cache appears complete or not at all, and is the same, byte for byte, whatever the number of
+processes. A killed build keeps its finished shards; the next build with the same plan continues. The
+main process holds an exclusive lock (``.<cache>.lock`` beside the cache) for the whole build: a second
+job that would build the same folder at the same time is refused with a message. Every step after which
+processes wait for each other exchanges each process's outcome, so an error on one process is raised on
+all of them (none waits at a barrier for ever).
 
 Reading (``ldm.data.cached.CachedLatentDataset``) takes rows straight from the shard files, so memory
 does not grow with the dataset. Training draws z = mean + exp(logvar / 2) * ε from the cached moments
 with each example's own noise (EDM2 style), and picks the flipped moments exactly when the uncached path
 would flip the image, so the cache changes speed, not results. The fingerprint names what made the cache
 (VAE and text-encoder hashes, storage dtype, resolution, crop/flip policy, dataset); any change rebuilds
-it, and so does a damaged cache (a shard missing or of the wrong size). A random crop cannot be cached.
+it, and so does a damaged cache (a shard missing or of the wrong size). A folder that is not recognisably
+a cache (no manifest, or a ``manifest.json`` that is not a cache's) is refused, never replaced. A random
+crop cannot be cached.
 """
 
 from __future__ import annotations
@@ -30,22 +36,36 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import _fsync_tree, _replace_folder, restore_interrupted_replace
+from ldm.checkpoint import fsync_tree, replace_folder, restore_interrupted_replace
 from ldm.data.cached import CachedLatentDataset, check_cache, collate_cached, read_manifest  # noqa: F401
 from ldm.data.images import ImageCaptionDataset, collate
-from ldm.data.shards import DamagedCacheError, save_shard
+from ldm.data.shards import DamagedCacheError, save_shard, write_json
+from ldm.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 SHARD_SIZE = 1024
 CACHE_VERSION = 2
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHARD_WAIT_S = (0.125, 0.25, 0.5, 1.0)  # before a shard of another process counts as missing (NFS caches stat)
+
+
+class CacheInUseError(UserError, RuntimeError):
+    """Another job is building the same cache folder."""
 
 
 def module_hash(module: torch.nn.Module) -> str:
@@ -102,13 +122,18 @@ class SingleProcess:
 def cache_status(folder: Path, fp: dict) -> str:
     """``current`` (complete, fingerprint ``fp``), ``stale`` (other fingerprint), ``damaged`` or ``absent``.
 
-    Raises FileExistsError for a non-empty folder without a manifest: it is not a cache, and never replaced.
+    Raises FileExistsError for a non-empty folder that is not recognisably a cache (``_is_ours``): it is
+    never replaced. ``damaged`` (rebuilt) only for a cache: an unreadable manifest counts as one only when
+    the folder holds nothing but a cache's entries.
     """
     if not (folder / "manifest.json").exists():
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise FileExistsError(f"cache folder {folder} exists and is not a latent cache (no manifest.json); set "
                                   f"cache.dir to a new or empty folder (nothing in {folder} was changed)")
         return "absent"
+    if not _is_ours(folder):
+        raise FileExistsError(f"cache folder {folder} has a manifest.json that is not a latent cache's; set "
+                              f"cache.dir to a new or empty folder (nothing in {folder} was changed)")
     try:
         manifest = read_manifest(folder)
     except DamagedCacheError:
@@ -118,6 +143,21 @@ def cache_status(folder: Path, fp: dict) -> str:
     return "damaged" if check_cache(folder, manifest) else "current"
 
 
+def _is_ours(folder: Path) -> bool:
+    """The folder with a ``manifest.json`` is one of our caches: the manifest is a cache's (a fingerprint
+    with its ``version``, or a fingerprint, shard list, example count and dtype), or — unreadable, e.g.
+    truncated — the folder holds nothing but a cache's entries."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if isinstance(manifest, dict) and isinstance(manifest.get("fingerprint"), dict):
+            return "version" in manifest["fingerprint"] or {"shards", "examples", "dtype"} <= manifest.keys()
+    except (OSError, ValueError):
+        pass
+    entries = list(folder.iterdir())
+    return all(p.name in ("manifest.json", "empty.safetensors") or (p.name.startswith("bucket-") and p.is_dir())
+               for p in entries) and len(entries) > 1
+
+
 def main_decides(dist, decide: Callable[[], str]) -> str:
     """``decide()`` on the main process, its answer (or its error) on every process of ``dist``.
 
@@ -125,19 +165,53 @@ def main_decides(dist, decide: Callable[[], str]) -> str:
     on the same answer (caches of a shared filesystem may differ between machines for a moment).
     Without an initialised process group (a one-process ``dist``) every process decides alone.
     """
-    if dist.num_processes == 1 or not torch.distributed.is_initialized():
+    if _alone(dist):
         return decide()
     answer: list = [None]
     if dist.is_main_process:
         try:
             answer = [("ok", decide())]
         except Exception as err:  # raised on every process, so none waits at a barrier for ever
-            answer = [("error", err)]
+            answer = [("error", _portable(err))]
     torch.distributed.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
     if kind == "error":
         raise value
     return value
+
+
+def everyone_does(dist, work: Callable[[], None]) -> None:
+    """``work()`` on every process of ``dist``, then wait for all of them; an error on any process is raised
+    on every process (the failing one raises its own), so none waits at a barrier for ever."""
+    error = None
+    try:
+        work()
+    except Exception as err:  # noqa: BLE001 - exchanged, then raised
+        error = err
+    if _alone(dist):
+        if error is not None:
+            raise error
+        return
+    errors: list = [None] * dist.num_processes
+    torch.distributed.all_gather_object(errors, None if error is None else _portable(error))
+    if error is not None:
+        raise error
+    failed = next((k for k, e in enumerate(errors) if e is not None), None)
+    if failed is not None:
+        raise errors[failed]
+
+
+def _alone(dist) -> bool:
+    return dist.num_processes == 1 or not torch.distributed.is_initialized()
+
+
+def _portable(error: Exception) -> Exception:
+    """``error`` if it survives pickling (to travel to the other processes), else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def is_current(folder: Path, expected: dict) -> bool:
@@ -153,35 +227,50 @@ def build_cache(folder: str | Path, dataset: ImageCaptionDataset, fp: dict,
     Call it on every process of ``dist`` (an ``Accelerator``/``PartialState``; None = one process), each
     with its own encoders: process r encodes shards r, r + W, … of ``plan_shards``; the main process writes
     the manifest last and moves the finished cache into place. ``folder`` must be on a filesystem that
-    every process sees.
+    every process sees. Raises CacheInUseError while another job builds the same ``folder``.
     """
     dist, folder = dist or SingleProcess(), Path(folder)
     status = main_decides(dist, lambda: cache_status(folder, fp))  # one answer for all, before any change
     if status == "current":
         logger.info("latent cache %s is current", folder)
         return folder
-    dist.wait_for_everyone()
     plan = plan_shards(dataset, shard_size)
     staging = folder.parent / f".tmp-{folder.name}"
+    spec = {"fingerprint": fp, "shards": [name for name, _ in plan], "shard_size": shard_size,
+            "batch_size": batch_size}
+    lock = None
+
+    def prepare() -> str:  # main process: lock, look again (another job may just have finished), staging
+        nonlocal lock
+        lock = lock_build(folder)
+        now = cache_status(folder, fp)
+        if now != "current":
+            logger.log(logging.WARNING if now == "damaged" else logging.INFO, "latent cache %s %s: %s it (%d "
+                       "examples, %d shards, %d process(es))", folder, REASONS[now], "building" if now == "absent"
+                       else "rebuilding", len(dataset), len(plan), dist.num_processes)
+            open_staging(staging, spec)
+        return now
+
+    def encode_mine() -> None:
+        mine = plan[dist.process_index::dist.num_processes]
+        for name, positions in tqdm(mine, desc="caching latents", disable=not dist.is_main_process):
+            if not shard_done(staging, name):
+                part = _encode_group(dataset, positions, encode_images, encode_texts, batch_size, dtype)
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                record = save_shard(staging / name, part) | {"examples": len(positions)}
+                write_json(staging / f"{name}.json", record)  # after the shard: it marks the shard finished
+
+    try:
+        if main_decides(dist, prepare) == "current":
+            logger.info("latent cache %s is current (built by another job meanwhile)", folder)
+            return folder
+        everyone_does(dist, encode_mine)
+        main_decides(dist, lambda: commit_cache(staging, folder, fp, plan, encode_texts, dtype))
+    finally:
+        if lock is not None:
+            os.close(lock)
     if dist.is_main_process:
-        logger.log(logging.WARNING if status == "damaged" else logging.INFO, "latent cache %s %s: %s it "
-                   "(%d examples, %d shards, %d process(es))", folder, REASONS[status],
-                   "building" if status == "absent" else "rebuilding", len(dataset), len(plan), dist.num_processes)
-        open_staging(staging, {"fingerprint": fp, "shards": [name for name, _ in plan], "shard_size": shard_size,
-                               "batch_size": batch_size})
-    dist.wait_for_everyone()
-    mine = plan[dist.process_index::dist.num_processes]
-    for name, positions in tqdm(mine, desc="caching latents", disable=not dist.is_main_process):
-        if not shard_done(staging, name):
-            part = _encode_group(dataset, positions, encode_images, encode_texts, batch_size, dtype)
-            (staging / name).parent.mkdir(parents=True, exist_ok=True)
-            record = save_shard(staging / name, part) | {"examples": len(positions)}
-            _write_json(staging / f"{name}.json", record)  # after the shard: it marks the shard finished
-    dist.wait_for_everyone()
-    if dist.is_main_process:
-        commit_cache(staging, folder, fp, plan, encode_texts, dtype)
         logger.info("latent cache written to %s (%d examples)", folder, len(dataset))
-    dist.wait_for_everyone()
     return folder
 
 
@@ -189,17 +278,40 @@ REASONS = {"absent": "does not exist yet", "stale": "was made by other models or
            "damaged": "is damaged (a shard is missing, truncated or unreadable)"}
 
 
+def lock_build(folder: Path) -> int | None:
+    """An exclusive ``flock`` on ``.<name>.lock`` beside ``folder`` (its file descriptor; closing it releases
+    the lock, and so does the kernel when the process ends however it ends). Another job holding it: refused."""
+    if fcntl is None:
+        return None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise CacheInUseError(f"latent cache {folder} is being built by another job ({holder}); wait for it to "
+                              f"finish and start this one again (it will find the cache current), or set another "
+                              f"cache.dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    return fd
+
+
 def open_staging(staging: Path, spec: dict) -> None:
-    """Keep the finished shards of an interrupted build with the same ``spec``; otherwise start afresh."""
+    """Keep the finished shards of an interrupted build with the same ``spec`` (and delete the temporary
+    files of writes it was killed in); otherwise start afresh."""
     marker = staging / "build.json"
     if marker.exists() and marker.read_text() == json.dumps(spec, sort_keys=True):
+        for leftover in staging.rglob(".*.tmp-*"):  # ``write_atomic``'s names: never renamed into place
+            leftover.unlink()
         done = sum(shard_done(staging, name) for name in spec["shards"])
         logger.info("continuing the interrupted cache build in %s: %d of %d shards done", staging, done,
                     len(spec["shards"]))
         return
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    _write_json(marker, spec)
+    write_json(marker, spec)
 
 
 def shard_done(staging: Path, name: str) -> bool:
@@ -212,33 +324,38 @@ def shard_done(staging: Path, name: str) -> bool:
 
 
 def commit_cache(staging: Path, folder: Path, fp: dict, plan, encode_texts, dtype: torch.dtype) -> None:
-    """Main process, after every shard is written: empty prompt, manifest (last), rename into place."""
-    shards = []
-    for name, positions in plan:
-        if not shard_done(staging, name):
-            raise DamagedCacheError(f"cache shard {name} was not written to {staging}; every process must see the "
-                                    f"same cache.dir (a filesystem shared by all machines) — is it node-local?")
-        record = json.loads((staging / f"{name}.json").read_text())
-        shards.append({"name": name, **record})
+    """Main process, after every shard is written: empty prompt, manifest, fsync, then (only then) drop the
+    build's records and ``build.json`` (last), and rename into place. A kill before the records go leaves a
+    staging folder that the next build continues without encoding anything again."""
+    missing = _missing_shards(staging, [name for name, _ in plan])
+    if missing:
+        raise DamagedCacheError(f"cache shard(s) {', '.join(missing[:3])} were not written to {staging}; every "
+                                f"process must see the same cache.dir (a filesystem shared by all machines) — "
+                                f"is it node-local?")
+    shards = [{"name": name, **json.loads((staging / f"{name}.json").read_text())} for name, _ in plan]
     empty = save_shard(staging / "empty.safetensors", {"text": encode_texts([""])[0].to("cpu", dtype)})
-    for path in [staging / "build.json", *(staging / f"{name}.json" for name, _ in plan)]:
-        path.unlink()
     manifest = {"fingerprint": fp, "dtype": str(dtype).removeprefix("torch."),
                 "examples": sum(len(p) for _, p in plan), "shards": shards, "empty": empty}
-    _write_json(staging / "manifest.json", manifest)
-    _fsync_tree(staging)
+    write_json(staging / "manifest.json", manifest)
+    fsync_tree(staging)
+    for name, _ in plan:
+        (staging / f"{name}.json").unlink()
+    (staging / "build.json").unlink()  # last: without it a next build would start afresh
+    fsync_tree(staging, files=False)  # the deletes (the files were synced above)
     restore_interrupted_replace(folder)
-    _replace_folder(staging, folder)
+    replace_folder(staging, folder)
 
 
-def _write_json(path: Path, obj) -> None:
-    """``obj`` as JSON at ``path``, atomically (a temporary name, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, sort_keys=True))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _missing_shards(staging: Path, names: list[str]) -> list[str]:
+    """The shards without a finished record, looked for again after short waits (a shared filesystem such as
+    NFS may show another machine's new files a moment late)."""
+    missing = [name for name in names if not shard_done(staging, name)]
+    for wait in SHARD_WAIT_S:
+        if not missing:
+            break
+        time.sleep(wait)
+        missing = [name for name in missing if not shard_done(staging, name)]
+    return missing
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """Reading a latent cache (written by ``ldm.data.cache.build_cache``): checked at open, rows read from disk.
 
-``CachedLatentDataset`` keeps only each shard's header and two small arrays (position -> shard, row),
-8 bytes per example, and reads an example's rows with ``os.pread`` when the DataLoader asks for it
-(``ldm.data.shards``): a process's memory does not grow with the cache, and every process on every
+``CachedLatentDataset`` keeps only each shard's header and two small arrays (position -> shard, row:
+int32 + int64, 12 bytes per example), and reads an example's rows with ``os.pread`` when the DataLoader
+asks for it (``ldm.data.shards``): a process's memory does not grow with the cache, and every process on every
 machine can read one cache on a shared filesystem. ``in_memory=True`` loads every shard at start
 instead (the same tensors, bit for bit; faster for a small cache that fits in RAM).
 """
@@ -60,7 +60,6 @@ class CachedLatentDataset(Dataset):
         self.shards = [Shard(self.folder / record["name"]) for record in manifest["shards"]]
         self.shard_of, self.row_of = self._locate(int(manifest["examples"]))
         self.loaded = [load_shard(s.path) for s in self.shards] if in_memory else None
-        self.empty_text = load_shard(self.folder / "empty.safetensors")["text"]
         if dataset is not None and len(dataset) != len(self):
             raise ValueError(f"cache {folder} holds {len(self)} examples, the dataset {len(dataset)}; rebuild it")
 
