@@ -21,6 +21,7 @@ for another prompt or model is refused. A folder of your own class images (no ma
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -65,7 +66,8 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def check_inputs(cfg: UNetStageConfig) -> None:
-    """The instance folder exists and holds at least one image (no-op when DreamBooth is off)."""
+    """The instance folder exists and holds at least one image, and the class folder is neither it nor nested
+    in it either way (no-op when DreamBooth is off)."""
     db = cfg.dreambooth
     if db.instance_data is None:
         return
@@ -76,9 +78,18 @@ def check_inputs(cfg: UNetStageConfig) -> None:
     if not image_files(folder):
         raise DreamBoothError(f"dreambooth.instance_data {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
                               f"; DreamBooth needs at least 1 image of the subject")
-    if db.prior_preservation and class_folder(cfg).resolve() == folder.resolve():
+    if not db.prior_preservation:
+        return
+    paths = {"class_data": class_folder(cfg).resolve(), "instance_data": folder.resolve()}
+    if paths["class_data"] == paths["instance_data"]:
         raise DreamBoothError(f"dreambooth.class_data {class_folder(cfg)} is the instance folder; class images "
                               f"must live apart (leave class_data null for <output_dir>/class_images)")
+    for inner, outer in (("class_data", "instance_data"), ("instance_data", "class_data")):
+        if paths[inner].is_relative_to(paths[outer]):
+            raise DreamBoothError(f"dreambooth.{inner} {paths[inner]} is inside dreambooth.{outer} {paths[outer]}: "
+                                  f"folders are searched for images recursively, so instance and class images would "
+                                  f"mix; keep the two folders apart (leave class_data null for "
+                                  f"<output_dir>/class_images)")
 
 
 def class_folder(cfg: UNetStageConfig) -> Path:
@@ -88,31 +99,53 @@ def class_folder(cfg: UNetStageConfig) -> Path:
 # --------------------------------------------------------------------------------------------
 # Class images, generated once by the base pipeline
 # --------------------------------------------------------------------------------------------
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 of a module's class, config and state dict, not of where it was loaded from.
+
+    ``ldm.data.cache.module_hash`` hashes the whole config, whose ``_name_or_path`` (set by
+    ``from_pretrained``) is the folder: a moved copy of the same weights would hash differently.
+    """
+    digest = hashlib.sha256(type(module).__name__.encode())
+    config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+    config.pop("_name_or_path", None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for key, value in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def class_manifest(cfg: UNetStageConfig, parts) -> dict:
     """What makes the class images: the base models' hashes, the prompt and every sampling setting."""
-    from ldm.data.cache import module_hash
-
     db = cfg.dreambooth
     return {"class_prompt": db.class_prompt, "base_model": str(cfg.pretrained), "resolution": cfg.data.resolution,
             "sampler": "dpm++", "steps": db.class_steps, "guidance_scale": db.class_guidance,
             "first_seed": db.class_seed,
-            "models": {name: module_hash(getattr(parts, name)) for name in ("vae", "text_encoder", "unet")}}
+            "models": {name: weights_hash(getattr(parts, name)) for name in ("vae", "text_encoder", "unet")}}
 
 
-def prepare_class_images(cfg: UNetStageConfig, parts, device, is_main: bool = True) -> Path | None:
-    """The class-image folder, complete: reused, extended to ``num_class_images``, or generated (main process).
+def prepare_class_images(cfg: UNetStageConfig, parts, device, dist=None) -> Path | None:
+    """The class-image folder, complete: reused, extended to ``num_class_images``, or generated.
 
-    Call it before adapters are attached or weights change: the images must come from the base model.
+    Call it on every process of ``dist`` (an ``Accelerator``; None = one process) before adapters are
+    attached or weights change: the images must come from the base model. The main process checks,
+    reuses or generates them and broadcasts the folder, or its error, so every process raises the same
+    DreamBoothError and none waits at a barrier for ever.
     """
+    from ldm.data.cache import SingleProcess, main_decides
+
     db = cfg.dreambooth
     if db.instance_data is None or not db.prior_preservation:
         return None
+    return Path(main_decides(dist or SingleProcess(), lambda: str(_prepare_class_images(cfg, parts, device))))
+
+
+def _prepare_class_images(cfg: UNetStageConfig, parts, device) -> Path:
+    db = cfg.dreambooth
     folder = class_folder(cfg)
     manifest_path = folder / MANIFEST
     if not manifest_path.exists() and folder.is_dir() and image_files(folder):
         return _own_class_images(folder, db.num_class_images)
-    if not is_main:
-        return folder
     manifest = class_manifest(cfg, parts)
     if manifest_path.exists():
         _check_manifest(json.loads(manifest_path.read_text()), manifest, folder)
@@ -142,9 +175,13 @@ def _check_manifest(old: dict, new: dict, folder: Path) -> None:
     """Same prompt, settings and model weights (the base model's path may move: its hashes decide)."""
     differ = [key for key in new if key != "base_model" and old.get(key) != new[key]]
     if differ:
+        models = [name for name in new["models"] if (old.get("models") or {}).get(name) != new["models"][name]]
+        was = [f"{k}={old.get(k)!r}" for k in differ if k != "models"]
+        if models:
+            was.append(f"other {', '.join(models)} weights")
         raise DreamBoothError(f"the class images in {folder} were generated with other {', '.join(differ)} "
-                              f"({', '.join(f'{k}={old.get(k)!r}' for k in differ if k != 'models')}); delete the "
-                              f"folder to regenerate them, or set dreambooth.class_data to another folder")
+                              f"({'; '.join(was)}); delete the folder to regenerate them, or set "
+                              f"dreambooth.class_data to another folder")
 
 
 def listed_images(folder: Path) -> list[str]:

@@ -121,8 +121,17 @@ def test_class_images_are_deterministic_and_reused(tmp_path, tiny_pipeline_dir, 
     assert dreambooth.prepare_class_images(cfg, parts, "cpu") == folder  # fewer wanted: the first 3 are used
     import shutil
 
-    moved = shutil.copytree(tiny_pipeline_dir, tmp_path / "moved")  # the same weights elsewhere: still reused
-    assert dreambooth.prepare_class_images(_cfg(tmp_path, moved, rings, out="a"), parts, "cpu") == folder
+    # the same weights elsewhere: loaded from the copy, their recomputed hashes match, so the images are reused
+    moved = shutil.copytree(tiny_pipeline_dir, tmp_path / "moved")
+    moved_cfg = _cfg(tmp_path, moved, rings, out="a")
+    moved_parts = _parts(moved_cfg)
+    assert all(getattr(moved_parts, name) is not getattr(parts, name) for name in ("vae", "text_encoder", "unet"))
+    assert dreambooth.prepare_class_images(moved_cfg, moved_parts, "cpu") == folder
+    assert json.loads((folder / dreambooth.MANIFEST).read_text())["base_model"] == str(moved)
+    with torch.no_grad():  # other weights: refused, and the message says which model differs
+        next(moved_parts.unet.parameters()).add_(1.0)
+    with pytest.raises(dreambooth.DreamBoothError, match=r"other models \(other unet weights\)"):
+        dreambooth.prepare_class_images(moved_cfg, moved_parts, "cpu")
 
     # made for another prompt: refused, not mixed
     changed = _cfg(tmp_path, tiny_pipeline_dir, rings, "dreambooth.class_prompt='a small red circle'", out="a")
@@ -142,23 +151,81 @@ def test_a_folder_of_own_class_images_is_used_as_is(tmp_path, tiny_pipeline_dir,
                                         None, "cpu")
 
 
+def _prepare_on_rank(rank, port, cfg, parts, results):
+    """One of 2 forked gloo processes: prepare the class images as train.unet does, then its barrier."""
+    import datetime
+    from types import SimpleNamespace
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=60))
+    dist = SimpleNamespace(process_index=rank, num_processes=2, is_main_process=rank == 0,
+                           wait_for_everyone=torch.distributed.barrier)
+    try:
+        dreambooth.prepare_class_images(cfg, parts if rank == 0 else None, "cpu", dist)
+        dist.wait_for_everyone()
+        results.put((rank, "ok"))
+    except Exception as err:  # noqa: BLE001 (reported to the test)
+        results.put((rank, f"{type(err).__name__}: {err}"))
+
+
+def test_a_refused_class_folder_raises_the_same_error_on_every_process(tmp_path, tiny_pipeline_dir, rings):
+    """2 processes: the main one checks the manifest and broadcasts its error, so the other raises it too
+    (it neither reads the folder nor hashes models itself: its parts are None) instead of waiting at the
+    barrier for ever."""
+    import multiprocessing
+    import socket
+
+    cfg = _cfg(tmp_path, tiny_pipeline_dir, rings)
+    parts, folder = _parts(cfg), dreambooth.class_folder(cfg)
+    folder.mkdir(parents=True)
+    stale = dreambooth.class_manifest(cfg, parts) | {"class_prompt": "a small red circle"}
+    (folder / dreambooth.MANIFEST).write_text(json.dumps(stale))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_prepare_on_rank, args=(rank, port, cfg, parts, results))
+             for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        answers = dict(results.get(timeout=90) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    assert answers[0] == answers[1] and answers[0].startswith("DreamBoothError: ")
+    assert "generated with other class_prompt" in answers[0]
+
+
 # --------------------------------------------------------------------------------------------
 # End to end
 # --------------------------------------------------------------------------------------------
-def test_dreambooth_lora_run_loads_in_stock_diffusers_and_resumes_without_regenerating(
+def test_dreambooth_lora_run_loads_in_stock_diffusers_and_resumes_exactly_without_regenerating(
         tmp_path, tiny_pipeline_dir, rings, monkeypatch):
+    """A 4-step run, loaded by stock diffusers, then resumed to 6 steps, equals an uninterrupted 6-step run:
+    the same examples (seeds, prompts, prior flags) in every batch and the same weights, EMA and optimizer."""
+    from safetensors.torch import load_file
+
     seen = []
     original = stage2.training_loss
 
     def spy(unet, batch, *args, **kwargs):
-        seen.append((list(batch["caption"]), batch["prior"].tolist(), args[-1]))
+        seen.append((batch["seed"].tolist(), list(batch["caption"]), batch["prior"].tolist(), args[-1]))
         return original(unet, batch, *args, **kwargs)
 
     monkeypatch.setattr(stage2, "training_loss", spy)
-    cfg = _cfg(tmp_path, tiny_pipeline_dir, rings, "dreambooth.prior_loss_weight=0.7")
-    final = stage2.main(cfg)
+    weight = "dreambooth.prior_loss_weight=0.7"
+    straight_final = stage2.main(_cfg(tmp_path, tiny_pipeline_dir, rings, weight, "train.max_steps=6", out="straight"))
+    straight, seen[:] = list(seen), []
+    assert len(straight) == 6 and len({tuple(s[0]) for s in straight}) == 6  # six different batches
+
+    final = stage2.main(_cfg(tmp_path, tiny_pipeline_dir, rings, weight))
     assert sorted(p.name for p in final.iterdir()) == ["pytorch_lora_weights.safetensors", "training.json"]
-    assert len(seen) == 4 and all(s == ([INSTANCE] * 2 + [CLASS] * 2, [False, False, True, True], 0.7) for s in seen)
+    assert len(seen) == 4 and all(s[1:] == ([INSTANCE] * 2 + [CLASS] * 2, [False, False, True, True], 0.7)
+                                  for s in seen)
     assert len(list((tmp_path / "db" / "class_images").glob("*.png"))) == 3
 
     def images(pipe):
@@ -172,9 +239,16 @@ def test_dreambooth_lora_run_loads_in_stock_diffusers_and_resumes_without_regene
     assert np.abs(ours - theirs).max() <= 1e-4 and np.abs(ours - base).max() > 1e-3
 
     monkeypatch.setattr(dreambooth, "generate_class_images", lambda *a, **k: pytest.fail("regenerated"))
-    stage2.main(_cfg(tmp_path, tiny_pipeline_dir, rings, "dreambooth.prior_loss_weight=0.7", "train.max_steps=6"))
-    trainer = json.loads((tmp_path / "db" / "checkpoint-6" / "trainer.json").read_text())
-    assert trainer["step"] == 6 and len(seen) == 6
+    resumed_final = stage2.main(_cfg(tmp_path, tiny_pipeline_dir, rings, weight, "train.max_steps=6"))
+    assert seen == straight  # per-example seeds, prompts and prior flags of all 6 batches
+    a, b = tmp_path / "straight" / "checkpoint-6", tmp_path / "db" / "checkpoint-6"
+    ta, tb = (json.loads((c / "trainer.json").read_text()) for c in (a, b))
+    assert tb["step"] == 6 and (ta["data_digest"], ta["batches"]) == (tb["data_digest"], tb["batches"])
+    for name in ["model-unet.safetensors", "ema-unet.safetensors", "optim-unet.safetensors"]:
+        sa, sb = load_file(a / name), load_file(b / name)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
+    la, lb = (load_file(f / "pytorch_lora_weights.safetensors") for f in (straight_final, resumed_final))
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
 
 
 def test_full_fine_tune_dreambooth_saves_a_pipeline_with_a_changed_unet(tmp_path, tiny_pipeline_dir, rings):
@@ -210,6 +284,24 @@ def test_missing_or_empty_instance_folder_is_refused_before_any_work(tmp_path, t
     with pytest.raises(dreambooth.DreamBoothError, match="holds no images.*at least 1 image"):
         stage2.main(_cfg(tmp_path, tiny_pipeline_dir, empty))
     assert not (tmp_path / "db").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("instance, classes, message", [
+    ("subject", "subject/classes", r"class_data .*subject/classes is inside dreambooth.instance_data"),
+    ("classes/subject", "classes", r"instance_data .*classes/subject is inside dreambooth.class_data"),
+    ("subject", "subject", r"class_data .*subject is the instance folder"),
+])
+def test_class_folder_nested_with_the_instance_folder_is_refused_before_any_work(tmp_path, tiny_pipeline_dir,
+                                                                                 instance, classes, message):
+    subject, class_data = tmp_path / instance, f"dreambooth.class_data={tmp_path / classes}"
+    subject.mkdir(parents=True)
+    render(Scene((Shape("ring", "red", "large", (1, 1), 8.0, 8.0, 9.0),), "gray"), 16).save(subject / "ring.png")
+    with pytest.raises(dreambooth.DreamBoothError, match=message):
+        stage2.main(_cfg(tmp_path, tiny_pipeline_dir, subject, class_data))
+    assert not (tmp_path / "db").exists()
+    # without prior preservation there are no class images to mix in
+    dreambooth.check_inputs(_cfg(tmp_path, tiny_pipeline_dir, subject, "dreambooth.prior_preservation=false",
+                                 "dreambooth.class_prompt=''", class_data))
 
 
 @pytest.mark.parametrize("override, message", [

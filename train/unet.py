@@ -59,7 +59,7 @@ def main(cfg: UNetStageConfig) -> Path:
     unet, scheduler = parts.unet, parts.scheduler
     if train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    dreambooth.prepare_class_images(cfg, parts, device, accelerator.is_main_process)  # from the base model
+    dreambooth.prepare_class_images(cfg, parts, device, accelerator)  # from the base model; main decides
     accelerator.wait_for_everyone()
     params = trainable_parameters(unet, text_encoder, cfg.lora)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
