@@ -11,7 +11,8 @@ One optimizer step; every random draw is made per example (``ExampleRNG``), in t
   4. u  ~ U[0, 1); c = c_∅ if u < p  caption dropout: the empty prompt's embedding, for CFG
   x_t = √ā_t z + √(1−ā_t) ε;  L = w(SNR_t) · ‖f_θ(x_t, t, c) − target‖²   (+ λ L_vlb with learned variance)
 Because the cache stores exactly the moments a fresh encode computes, and the draws do not depend
-on where the latents came from, cached and uncached runs give the same losses.
+on where the latents came from, cached and uncached runs give the same losses (exactly with
+cache.dtype float32; float16/bfloat16 storage moves them by its rounding).
 """
 
 from __future__ import annotations
