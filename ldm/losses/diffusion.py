@@ -184,11 +184,12 @@ def sample_timesteps(u: torch.Tensor, alphas_cumprod: torch.Tensor, kind: str, l
 
 
 def immiscible_noise(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """ε_π: the batch's noise samples reassigned to its latents by a minimum-distance matching.
+    """ε_π with π = argmin_π Σ_i ‖x0_i − ε_π(i)‖ over permutations π of the batch (Li et al. 2024, Alg. 1).
 
-    Immiscible diffusion (Li et al. 2024, "Immiscible Diffusion", Alg. 1): π = argmin_π Σ_i ‖x0_i − ε_π(i)‖
-    over permutations of the batch (a linear assignment, Hungarian method), so each latent is noised
-    towards a nearby noise sample. Every ε_j is still an exact N(0, I) draw, used exactly once.
+    Immiscible diffusion: the batch's noise samples are reassigned to its latents by a linear
+    assignment (Hungarian method), so each latent is noised towards a nearby noise sample. Every ε_j
+    is still an exact N(0, I) draw, used exactly once. The matching is over the micro-batch a process
+    sees, so with this option a run's draws depend on the per-process batch size.
     x0, noise: (B, ...) of equal shape. Returns noise[π].
     """
     from scipy.optimize import linear_sum_assignment
@@ -196,8 +197,7 @@ def immiscible_noise(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     if x0.shape != noise.shape:
         raise ValueError(f"immiscible_noise: latents {tuple(x0.shape)} and noise {tuple(noise.shape)} differ in shape")
     distance = torch.cdist(x0.detach().flatten(1).double(), noise.flatten(1).double())  # (B, B)
-    rows, cols = linear_sum_assignment(distance.cpu().numpy())
-    assert (rows == range(len(rows))).all()
+    _, cols = linear_sum_assignment(distance.cpu().numpy())  # rows come back as 0..B-1: cols[i] = π(i)
     return noise[torch.as_tensor(cols, device=noise.device)]
 
 
