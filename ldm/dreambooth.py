@@ -21,7 +21,6 @@ for another prompt or model is refused. A folder of your own class images (no ma
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ldm.config import UNetStageConfig
+from ldm.data.cache import SingleProcess, main_decides, module_hash
 from ldm.data.images import IMAGE_SUFFIXES, ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
 from ldm.errors import UserError
@@ -99,29 +99,13 @@ def class_folder(cfg: UNetStageConfig) -> Path:
 # --------------------------------------------------------------------------------------------
 # Class images, generated once by the base pipeline
 # --------------------------------------------------------------------------------------------
-def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 of a module's class, config and state dict, not of where it was loaded from.
-
-    ``ldm.data.cache.module_hash`` hashes the whole config, whose ``_name_or_path`` (set by
-    ``from_pretrained``) is the folder: a moved copy of the same weights would hash differently.
-    """
-    digest = hashlib.sha256(type(module).__name__.encode())
-    config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
-    config.pop("_name_or_path", None)
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for key, value in module.state_dict().items():
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def class_manifest(cfg: UNetStageConfig, parts) -> dict:
     """What makes the class images: the base models' hashes, the prompt and every sampling setting."""
     db = cfg.dreambooth
     return {"class_prompt": db.class_prompt, "base_model": str(cfg.pretrained), "resolution": cfg.data.resolution,
             "sampler": "dpm++", "steps": db.class_steps, "guidance_scale": db.class_guidance,
             "first_seed": db.class_seed,
-            "models": {name: weights_hash(getattr(parts, name)) for name in ("vae", "text_encoder", "unet")}}
+            "models": {name: module_hash(getattr(parts, name)) for name in ("vae", "text_encoder", "unet")}}
 
 
 def prepare_class_images(cfg: UNetStageConfig, parts, device, dist=None) -> Path | None:
@@ -132,7 +116,6 @@ def prepare_class_images(cfg: UNetStageConfig, parts, device, dist=None) -> Path
     reuses or generates them and broadcasts the folder, or its error, so every process raises the same
     DreamBoothError and none waits at a barrier for ever.
     """
-    from ldm.data.cache import SingleProcess, main_decides
 
     db = cfg.dreambooth
     if db.instance_data is None or not db.prior_preservation:

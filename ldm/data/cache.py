@@ -69,11 +69,16 @@ class CacheInUseError(UserError, RuntimeError):
 
 
 def module_hash(module: torch.nn.Module) -> str:
-    """sha256 of a module's class, config and every tensor of its state dict (in key order)."""
+    """sha256 of a module's class, config and every tensor of its state dict (in key order).
+
+    The config's ``_name_or_path`` (the folder ``from_pretrained`` read) is left out: a moved or
+    copied folder with the same weights hashes the same.
+    """
     digest = hashlib.sha256(type(module).__name__.encode())
     config = getattr(module, "config", None)
     if config is not None:
         as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        as_dict.pop("_name_or_path", None)
         digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
     for key, value in module.state_dict().items():
         digest.update(key.encode())
