@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ldm.config import UNetStageConfig
-from ldm.data.cache import SingleProcess, main_decides, module_hash
+from ldm.data.cache import module_hash
+from ldm.distributed import SingleProcess, main_decides
 from ldm.data.images import IMAGE_SUFFIXES, ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
 from ldm.errors import UserError

@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import shutil
 import socket
 import time
@@ -50,6 +49,7 @@ from ldm.checkpoint import fsync_tree, replace_folder, restore_interrupted_repla
 from ldm.data.cached import CachedLatentDataset, check_cache, collate_cached, read_manifest  # noqa: F401
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.shards import DamagedCacheError, save_shard, write_json
+from ldm.distributed import SingleProcess, everyone_does, main_decides
 from ldm.errors import UserError
 
 try:
@@ -115,15 +115,6 @@ def plan_shards(dataset: ImageCaptionDataset, shard_size: int = SHARD_SIZE) -> l
     return plan
 
 
-class SingleProcess:
-    """The ``dist`` of a one-process build (an ``Accelerator`` or ``PartialState`` has the same four names)."""
-
-    process_index, num_processes, is_main_process = 0, 1, True
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-
 def cache_status(folder: Path, fp: dict) -> str:
     """``current`` (complete, fingerprint ``fp``), ``stale`` (other fingerprint), ``damaged`` or ``absent``.
 
@@ -161,62 +152,6 @@ def _is_ours(folder: Path) -> bool:
     entries = list(folder.iterdir())
     return all(p.name in ("manifest.json", "empty.safetensors") or (p.name.startswith("bucket-") and p.is_dir())
                for p in entries) and len(entries) > 1
-
-
-def main_decides(dist, decide: Callable[[], str]) -> str:
-    """``decide()`` on the main process, its answer (or its error) on every process of ``dist``.
-
-    One process reads the cache's state, not every process of every machine, and all of them act
-    on the same answer (caches of a shared filesystem may differ between machines for a moment).
-    Without an initialised process group (a one-process ``dist``) every process decides alone.
-    """
-    if _alone(dist):
-        return decide()
-    answer: list = [None]
-    if dist.is_main_process:
-        try:
-            answer = [("ok", decide())]
-        except Exception as err:  # raised on every process, so none waits at a barrier for ever
-            answer = [("error", _portable(err))]
-    torch.distributed.broadcast_object_list(answer, src=0)
-    kind, value = answer[0]
-    if kind == "error":
-        raise value
-    return value
-
-
-def everyone_does(dist, work: Callable[[], None]) -> None:
-    """``work()`` on every process of ``dist``, then wait for all of them; an error on any process is raised
-    on every process (the failing one raises its own), so none waits at a barrier for ever."""
-    error = None
-    try:
-        work()
-    except Exception as err:  # noqa: BLE001 - exchanged, then raised
-        error = err
-    if _alone(dist):
-        if error is not None:
-            raise error
-        return
-    errors: list = [None] * dist.num_processes
-    torch.distributed.all_gather_object(errors, None if error is None else _portable(error))
-    if error is not None:
-        raise error
-    failed = next((k for k, e in enumerate(errors) if e is not None), None)
-    if failed is not None:
-        raise errors[failed]
-
-
-def _alone(dist) -> bool:
-    return dist.num_processes == 1 or not torch.distributed.is_initialized()
-
-
-def _portable(error: Exception) -> Exception:
-    """``error`` if it survives pickling (to travel to the other processes), else a RuntimeError with its text."""
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:  # noqa: BLE001
-        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def is_current(folder: Path, expected: dict) -> bool:
