@@ -9,7 +9,11 @@ A and B, one image is generated for each caption of A (each with its own seeded 
     loss         the held-out diffusion loss on fixed timesteps and noise (``ldm.evaluation.heldout``, the
                  number training logs as its validation loss)
 and a task-specific reading where the data is one this project knows: the shapes judge for shapes
-data (on its own held-out single-shape prompts), the digit classifier for ``ldm data digits`` data.
+data (on its own held-out single-shape prompts), the digit classifier for digits data (fitted with the
+real images of A, on the generated images of A's captions). Each judge first reads the data's own real
+held-out images (the shapes judge: A and B; the classifier: B, never fitted): that accuracy, its ceiling,
+is reported beside the reading, and below 0.9 the reading is withheld with the reason
+(``ldm.evaluation.ceiling``).
 The report names the feature space: the pipeline's stage-0 CLIP, a CLIP the user names, or none.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -25,8 +30,9 @@ from diffusers import DDPMScheduler
 
 from ldm.config import DataConfig
 from ldm.data.images import DataError, ImageCaptionDataset, collate
-from ldm.data.shapes import BACKGROUNDS, COLOURS, KINDS, single_shape_scenes
-from ldm.evaluation.judge import judge, summarise
+from ldm.data.shapes import BACKGROUNDS, COLOURS, EXTRA_KINDS, KINDS, render, single_shape_scenes
+from ldm.evaluation.ceiling import ceiling, ceiling_text, checked_reading
+from ldm.evaluation.judge import PALETTE, judge, summarise
 from ldm.losses.diffusion import variational_bound_bpd
 from ldm.models.text import encode_prompts
 from ldm.models.unet import vae_scale_factor
@@ -34,26 +40,71 @@ from ldm.models.vae import normalize_latents
 
 logger = logging.getLogger(__name__)
 HELD_OUT_SEED = 10_000  # shapes seeds at or above this are never used for training data
+CAPTION_SHAPE = re.compile(rf"\ba (?:small|large) ({'|'.join(PALETTE)}) ({'|'.join(KINDS + EXTRA_KINDS)}) in the ")
+JUDGE_HINT = ("it knows the built-in shapes data: its palette colours and shape kinds on a plain background, "
+              "as `ldm data shapes` draws them")
+
+
+def judge_real(images, captions: list[str], kinds: tuple[str, ...] = KINDS) -> dict:
+    """The shapes judge's ceiling on real images: an image is right when every shape its caption names
+    ("a small red circle in the ... and a ...") is read, colour and kind; captions naming none are skipped.
+    Returns {"real_accuracy", "real_images"}."""
+    readable = tuple(dict.fromkeys(KINDS + tuple(kinds)))
+    correct = []
+    for image, text in zip(images, captions):
+        named = CAPTION_SHAPE.findall(text)
+        if named:
+            correct.append(all(judge(np.asarray(image), colour, kind, kinds=readable).correct
+                               for colour, kind in named))
+    return ceiling(correct)
 
 
 def judge_pipeline(pipe, num: int = 100, seed: int = 0, steps: int = 20, guidance: float = 5.0,
                    colours: tuple[str, ...] = tuple(COLOURS), kinds: tuple[str, ...] = KINDS,
-                   batch_size: int = 25) -> dict:
-    """Generate one image per held-out single-shape prompt and judge colour and kind."""
+                   batch_size: int = 25, real: dict | None = None) -> dict:
+    """Generate one image per held-out single-shape prompt and judge colour and kind, once the judge has
+    checked itself on real images: ``real`` (``judge_real`` of a data folder's real held-out images), or by
+    default the real renderings of these same prompts. Its ceiling (``real_accuracy``) is reported beside
+    the reading; below 0.9 the reading is withheld (``ldm.evaluation.ceiling``)."""
     size = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
     scenes = single_shape_scenes(num, HELD_OUT_SEED + seed, size, colours=colours, kinds=kinds)
     readable = tuple(dict.fromkeys(KINDS + tuple(kinds)))  # the judge also reads any requested extra kind
-    verdicts = []
-    for start in range(0, num, batch_size):
-        chunk = scenes[start:start + batch_size]
-        generators = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(len(chunk))]
-        images = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                      generator=generators, output_type="np").images
-        for scene, image in zip(chunk, images):
-            shape = scene.shapes[0]
-            verdicts.append(judge((image * 255).round().astype(np.uint8), shape.colour, shape.kind, kinds=readable))
-    metrics = summarise(verdicts, [s.shapes[0].kind for s in scenes])
+
+    def read() -> dict:
+        verdicts = []
+        for start in range(0, num, batch_size):
+            chunk = scenes[start:start + batch_size]
+            generators = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(len(chunk))]
+            images = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                          generator=generators, output_type="np").images
+            for scene, image in zip(chunk, images):
+                shape = scene.shapes[0]
+                verdicts.append(judge((image * 255).round().astype(np.uint8), shape.colour, shape.kind,
+                                      kinds=readable))
+        return summarise(verdicts, [s.shapes[0].kind for s in scenes])
+
+    limit = real if real is not None else rendered_ceiling(num, seed, size, tuple(colours), tuple(kinds))
+    metrics = checked_reading(limit, "shapes judge", JUDGE_HINT, read)
     return metrics | {"steps": steps, "guidance_scale": guidance, "sampler": type(pipe.scheduler).__name__}
+
+
+@lru_cache(maxsize=8)
+def rendered_ceiling(num: int, seed: int, size: int, colours: tuple[str, ...], kinds: tuple[str, ...]) -> dict:
+    """The judge on the real renderings of ``judge_pipeline``'s own prompts: {"real_accuracy", "real_images"}."""
+    scenes = single_shape_scenes(num, HELD_OUT_SEED + seed, size, colours=colours, kinds=kinds)
+    return judge_real([np.asarray(render(s, size)) for s in scenes], [s.caption for s in scenes], kinds)
+
+
+def folder_ceiling(data: DataConfig, num: int | None = None) -> dict:
+    """The shapes judge's ceiling on the first ``num`` (default all) real images of a shapes folder."""
+    dataset = ImageCaptionDataset(data)
+    batch = collate([dataset[(i, 0)] for i in range(len(dataset) if num is None else min(num, len(dataset)))])
+    return judge_real(to_uint8(batch["pixel_values"]), list(batch["caption"]))
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) pixels in [-1, 1] -> uint8 [N, H, W, 3]."""
+    return ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 @torch.no_grad()
@@ -173,16 +224,27 @@ def evaluate_pipeline(model: str, data: DataConfig, num: int | None = None, seed
     metrics["bits_per_dim"] = latent_bits_per_dim(pipe, data, num=bpd_images, seed=seed)
     metrics["heldout_loss"] = diffusion_loss(pipe, data, seed=seed)
     if kind == "digits":
-        from ldm.data.digits import label_of
-        from ldm.evaluation.digits import classify_digits
-
-        reading = classify_digits(generated, [label_of(c) for c in real_a["caption"]], size)
-        metrics |= {"classifier_accuracy": reading["accuracy"], "classifier": reading}
-    elif kind == "shapes":
+        metrics |= digits_reading(generated, real_a, real_b, size)
+    elif kind == "shapes":  # the judge reads its own held-out prompts; its ceiling is this data's real images
+        real = judge_real(np.concatenate([to_uint8(real_a["pixel_values"]), to_uint8(real_b["pixel_values"])]),
+                          list(real_a["caption"]) + list(real_b["caption"]))
         reading = judge_pipeline(pipe, num=judge_prompts or num or 100, seed=seed, steps=steps, guidance=guidance,
-                                 batch_size=batch_size)
-        metrics |= {"judge_accuracy": reading["accuracy"], "judge": reading}
+                                 batch_size=batch_size, real=real)
+        metrics |= {"judge_accuracy": reading["accuracy"], "judge_real_accuracy": reading["real_accuracy"],
+                    "judge": reading}
     return metrics
+
+
+def digits_reading(generated: np.ndarray, real_a: dict, real_b: dict, size: int) -> dict:
+    """The digit classifier on the generated images of A's captions: fitted with A's real images, checked on B's."""
+    from ldm.data.digits import label_of
+    from ldm.evaluation.digits import judge_digits
+
+    labels_a, labels_b = ([label_of(c) for c in half["caption"]] for half in (real_a, real_b))
+    reading = judge_digits(generated, labels_a, (to_uint8(real_a["pixel_values"]), labels_a),
+                           (to_uint8(real_b["pixel_values"]), labels_b), size)
+    return {"classifier_accuracy": reading["accuracy"], "classifier_real_accuracy": reading["real_accuracy"],
+            "classifier": reading}
 
 
 def summary_lines(metrics: dict) -> list[str]:
@@ -199,9 +261,12 @@ def summary_lines(metrics: dict) -> list[str]:
                  f"loss {metrics['heldout_loss']:.4f}")
     if "classifier_accuracy" in metrics:
         c = metrics["classifier"]
-        lines.append(f"classifier      {c['accuracy']:.2f} of generated digits read as their caption's digit "
-                     f"(on held-out real digits: {c['classifier_heldout_real_accuracy']:.2f})")
+        lines.append(f"classifier      withheld: {c['withheld']}" if c["accuracy"] is None else
+                     f"classifier      {c['accuracy']:.2f} of generated digits read as their caption's digit "
+                     f"(its ceiling: {ceiling_text(c)})")
     if "judge_accuracy" in metrics:
-        lines.append(f"judge accuracy  {metrics['judge_accuracy']:.2f} on {metrics['judge']['num_images']} held-out "
-                     f"shapes prompts")
+        j = metrics["judge"]
+        lines.append(f"judge accuracy  withheld: {j['withheld']}" if j["accuracy"] is None else
+                     f"judge accuracy  {j['accuracy']:.2f} on {j['num_images']} held-out shapes prompts (its ceiling: "
+                     f"{ceiling_text(j)})")
     return lines
