@@ -57,3 +57,25 @@ def test_largest_component():
     mask[0, 0] = True
     mask[2:5, 2:4] = True
     assert largest_component(mask).sum() == 6 and not largest_component(mask)[0, 0]
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_judge_reads_the_position_of_real_shapes_and_rejects_a_wrong_cell(size):
+    scenes = single_shape_scenes(200, seed=11, size=size)
+    assert {s.shapes[0].cell for s in scenes} == {(r, c) for r in range(3) for c in range(3)}
+    verdicts = [judge(np.asarray(render(s, size)), s.shapes[0].colour, s.shapes[0].kind, cell=s.shapes[0].cell)
+                for s in scenes]
+    assert summarise(verdicts, [s.shapes[0].kind for s in scenes])["position_accuracy"] == 1.0
+    for s in scenes[:40]:
+        row, col = s.shapes[0].cell
+        wrong = ((row + 1) % 3, col)
+        verdict = judge(np.asarray(render(s, size)), s.shapes[0].colour, s.shapes[0].kind, cell=wrong)
+        assert verdict.correct and verdict.position_ok is False  # kind and colour right, position wrong
+
+
+def test_position_accuracy_counts_only_verdicts_asked_for_a_position():
+    blank = np.full((32, 32, 3), 128, dtype=np.uint8)
+    asked, unasked = judge(blank, "red", "circle", cell=(1, 1)), judge(blank, "red", "circle")
+    assert asked.position_ok is False and unasked.position_ok is None
+    assert summarise([unasked], ["circle"])["position_accuracy"] is None
+    assert summarise([asked, unasked], ["circle", "circle"])["position_accuracy"] == 0.0

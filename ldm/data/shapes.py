@@ -34,6 +34,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {"gray": (128, 128, 128), "white"
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 EXTRA_KINDS: tuple[str, ...] = ("diamond", "ring")  # drawn on request only: shapes the default data never uses
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
+# A caption's position words -> (row, col) of the 3x3 grid ("center" is the middle cell).
+CELLS: dict[str, tuple[int, int]] = {("center" if (r, c) == (1, 1) else f"{ROWS[r]} {COLS[c]}"): (r, c)
+                                     for r in range(3) for c in range(3)}
 # Side of the shape as a fraction of the image side. At 32 px "small" is 11-13 px: a latent pixel of
 # an f=4 VAE covers 4x4, and shapes below ~10 px came out of a CPU-sized U-Net as blobs (judge 0.5).
 SIZES: dict[str, tuple[float, float]] = {"small": (0.34, 0.40), "large": (0.48, 0.56)}
@@ -52,10 +55,7 @@ class Shape:
 
     @property
     def position(self) -> str:
-        row, col = ROWS[self.cell[0]], COLS[self.cell[1]]
-        if (row, col) == ("middle", "center"):
-            return "center"
-        return f"{row} {col}"
+        return next(name for name, cell in CELLS.items() if cell == self.cell)
 
     def describe(self) -> str:
         return f"a {self.size} {self.colour} {self.kind} in the {self.position}"

@@ -1,9 +1,11 @@
-"""The shapes judge: is the prompted colour there, and is the shape of that colour the prompted kind?
+"""The shapes judge: is the prompted colour there, is the shape of that colour the prompted kind, and
+does it sit in the prompted cell of the 3x3 grid?
 
 No learned weights: pixels are labelled with the nearest palette colour (or the background,
 estimated from the image border), the largest connected region of the prompted colour is
 taken, and every shape kind is rendered with ``ldm.data.shapes.shape_mask`` into that region's
-bounding box; the kind with the highest IoU is the judge's reading. Generator and judge share
+bounding box; the kind with the highest IoU is the judge's reading, and the 3x3 grid cell holding
+the centre of that box is its position (the data put a shape's centre in its cell). Generator and judge share
 one definition of each shape, and the judge can be checked on real data (it should be ~100%).
 """
 
@@ -23,6 +25,7 @@ class Verdict:
     colour_found: bool
     kind_found: str | None  # the judge's reading of the prompted colour's shape
     kind_ok: bool
+    position_ok: bool | None = None  # None: no position was asked for
 
     @property
     def correct(self) -> bool:
@@ -77,6 +80,14 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def grid_cell(region: np.ndarray) -> tuple[int, int]:
+    """(row, col) of the 3x3 grid cell holding the centre of ``region``'s bounding box."""
+    ys, xs = np.nonzero(region)
+    height, width = region.shape
+    cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
+    return min(int(3 * cy / height), 2), min(int(3 * cx / width), 2)
+
+
 def fit_kind(region: np.ndarray, kinds: tuple[str, ...] = KINDS) -> tuple[str, float]:
     """The kind whose rendered template best matches ``region`` (IoU), searched over small shifts."""
     ys, xs = np.nonzero(region)
@@ -95,25 +106,32 @@ def fit_kind(region: np.ndarray, kinds: tuple[str, ...] = KINDS) -> tuple[str, f
 
 
 def judge(image: np.ndarray, colour: str, kind: str, palette: dict | None = None,
-          min_fraction: float = 0.01, kinds: tuple[str, ...] = KINDS) -> Verdict:
-    """Judge one (H, W, 3) uint8 image against a single-shape prompt's colour and kind."""
+          min_fraction: float = 0.01, kinds: tuple[str, ...] = KINDS,
+          cell: tuple[int, int] | None = None) -> Verdict:
+    """Judge one (H, W, 3) uint8 image against a single-shape prompt's colour, kind and (row, col) cell."""
     palette = palette or PALETTE
     if colour not in palette:
         raise ValueError(f"unknown colour {colour!r}; the judge knows {sorted(palette)}")
     labels, names = label_pixels(np.asarray(image), palette)
     mask = labels == names.index(colour)
     if mask.sum() < min_fraction * mask.size:
-        return Verdict(False, None, False)
-    found, _ = fit_kind(largest_component(mask), kinds)
-    return Verdict(True, found, found == kind)
+        return Verdict(False, None, False, None if cell is None else False)
+    region = largest_component(mask)
+    found, _ = fit_kind(region, kinds)
+    return Verdict(True, found, found == kind, None if cell is None else grid_cell(region) == tuple(cell))
 
 
 def summarise(verdicts: list[Verdict], kinds: list[str]) -> dict:
-    """Accuracy (colour and kind both right), colour accuracy, kind accuracy, per-kind accuracy."""
+    """Accuracy (colour and kind both right), colour, kind, per-kind and position accuracy.
+
+    Position accuracy is over the verdicts that were asked for a position (None when none were).
+    """
     n = max(len(verdicts), 1)
+    placed = [v.position_ok for v in verdicts if v.position_ok is not None]
     per_kind = {k: float(np.mean([v.correct for v, kk in zip(verdicts, kinds) if kk == k]))
                 for k in sorted(set(kinds))}
     return {"accuracy": sum(v.correct for v in verdicts) / n,
             "colour_accuracy": sum(v.colour_found for v in verdicts) / n,
             "kind_accuracy": sum(v.kind_ok for v in verdicts) / n,
-            "per_kind_accuracy": per_kind, "num_images": len(verdicts)}
+            "per_kind_accuracy": per_kind, "num_images": len(verdicts),
+            "position_accuracy": float(np.mean(placed)) if placed else None}

@@ -30,7 +30,7 @@ from diffusers import DDPMScheduler
 
 from ldm.config import DataConfig
 from ldm.data.images import DataError, ImageCaptionDataset, collate
-from ldm.data.shapes import BACKGROUNDS, COLOURS, EXTRA_KINDS, KINDS, render, single_shape_scenes
+from ldm.data.shapes import BACKGROUNDS, CELLS, COLOURS, EXTRA_KINDS, KINDS, render, single_shape_scenes
 from ldm.evaluation.ceiling import ceiling, ceiling_text, checked_reading
 from ldm.evaluation.judge import PALETTE, judge, summarise
 from ldm.losses.diffusion import variational_bound_bpd
@@ -40,29 +40,32 @@ from ldm.models.vae import normalize_latents
 
 logger = logging.getLogger(__name__)
 HELD_OUT_SEED = 10_000  # shapes seeds at or above this are never used for training data
-CAPTION_SHAPE = re.compile(rf"\ba (?:small|large) ({'|'.join(PALETTE)}) ({'|'.join(KINDS + EXTRA_KINDS)}) in the ")
+CAPTION_SHAPE = re.compile(rf"\ba (?:small|large) ({'|'.join(PALETTE)}) ({'|'.join(KINDS + EXTRA_KINDS)}) "
+                           rf"in the ({'|'.join(CELLS)})\b")
 JUDGE_HINT = ("it knows the built-in shapes data: its palette colours and shape kinds on a plain background, "
               "as `ldm data shapes` draws them")
 
 
 def judge_real(images, captions: list[str], kinds: tuple[str, ...] = KINDS) -> dict:
     """The shapes judge's ceiling on real images: an image is right when every shape its caption names
-    ("a small red circle in the ... and a ...") is read, colour and kind; captions naming none are skipped.
+    ("a small red circle in the top left and a ...") is read, colour, kind and position; captions naming none
+    are skipped.
     Returns {"real_accuracy", "real_images"}."""
     readable = tuple(dict.fromkeys(KINDS + tuple(kinds)))
     correct = []
     for image, text in zip(images, captions):
         named = CAPTION_SHAPE.findall(text)
         if named:
-            correct.append(all(judge(np.asarray(image), colour, kind, kinds=readable).correct
-                               for colour, kind in named))
+            verdicts = [judge(np.asarray(image), colour, kind, kinds=readable, cell=CELLS[where])
+                        for colour, kind, where in named]
+            correct.append(all(v.correct and v.position_ok for v in verdicts))
     return ceiling(correct)
 
 
 def judge_pipeline(pipe, num: int = 100, seed: int = 0, steps: int = 20, guidance: float = 5.0,
                    colours: tuple[str, ...] = tuple(COLOURS), kinds: tuple[str, ...] = KINDS,
                    batch_size: int = 25, real: dict | None = None) -> dict:
-    """Generate one image per held-out single-shape prompt and judge colour and kind, once the judge has
+    """Generate one image per held-out single-shape prompt and judge colour, kind and position, once the judge has
     checked itself on real images: ``real`` (``judge_real`` of a data folder's real held-out images), or by
     default the real renderings of these same prompts. Its ceiling (``real_accuracy``) is reported beside
     the reading; below 0.9 the reading is withheld (``ldm.evaluation.ceiling``)."""
@@ -80,7 +83,7 @@ def judge_pipeline(pipe, num: int = 100, seed: int = 0, steps: int = 20, guidanc
             for scene, image in zip(chunk, images):
                 shape = scene.shapes[0]
                 verdicts.append(judge((image * 255).round().astype(np.uint8), shape.colour, shape.kind,
-                                      kinds=readable))
+                                      kinds=readable, cell=shape.cell))
         return summarise(verdicts, [s.shapes[0].kind for s in scenes])
 
     limit = real if real is not None else rendered_ceiling(num, seed, size, tuple(colours), tuple(kinds))
@@ -200,9 +203,10 @@ def evaluate_pipeline(model: str, data: DataConfig, num: int | None = None, seed
     ``ldm.evaluation.fid.load_feature_space``); default the pipeline's stage-0 CLIP.
     """
     from ldm.evaluation.fid import load_feature_space
-    from ldm.sampling import load_pipeline
+    from ldm.sampling import check_steps, load_pipeline
 
     pipe = load_pipeline(model, scheduler=scheduler)
+    check_steps(pipe.scheduler, steps)
     size = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
     data = dataclasses.replace(data, resolution=size)
     dataset = ImageCaptionDataset(data)
