@@ -297,6 +297,9 @@ class UNetModelConfig:
     transformer_layers: int = 1
     norm_num_groups: int = 32
     learned_variance: bool = False  # Improved DDPM: also predict the variance interpolation
+    # Pooled text conditioning (GLIDE, Imagen, SDXL): the text states, attention-pooled, are added to the
+    # timestep embedding of every ResNet block beside cross-attention (diffusers addition_embed_type="text")
+    pooled_text: bool = False
 
     def __post_init__(self):
         _check(len(self.cross_attention) == len(self.block_out_channels), "model.cross_attention",

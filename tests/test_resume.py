@@ -63,7 +63,7 @@ def _assert_same_checkpoint(a: Path, b: Path, names):
 def test_unet_resume_after_sigkill_is_exact(unet_overrides, tmp_path):
     base = [o for o in unet_overrides if not o.startswith(("output_dir", "train.max_steps", "train.checkpoint"))]
     base += ["train.max_steps=24", "train.checkpoint_every=4", "train.grad_accum_steps=2",
-             "diffusion.offset_noise=0.1"]
+             "diffusion.offset_noise=0.1", "model.pooled_text=true"]
     _run("unet", base + [f"output_dir={tmp_path / 'straight'}"])
     left = _run_and_kill_after_checkpoint("unet", base + [f"output_dir={tmp_path / 'killed'}"],
                                           tmp_path / "killed", step=8)

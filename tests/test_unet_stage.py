@@ -19,8 +19,9 @@ def _cfg(overrides, *extra):
     return load_config(UNetStageConfig, None, list(overrides) + list(extra))
 
 
-def test_stage2_writes_a_complete_pipeline_that_stock_diffusers_loads(unet_overrides, tmp_path):
-    cfg = _cfg(unet_overrides, "validation.every=4")
+@pytest.mark.parametrize("pooled", [False, True])
+def test_stage2_writes_a_complete_pipeline_that_stock_diffusers_loads(unet_overrides, tmp_path, pooled):
+    cfg = _cfg(unet_overrides, "validation.every=4", f"model.pooled_text={str(pooled).lower()}")
     final = stage2.main(cfg)
     names = {p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file()}
     assert {"model_index.json", "pipeline_latent_diffusion.py", "unet/diffusion_pytorch_model.safetensors",
@@ -39,6 +40,11 @@ def test_stage2_writes_a_complete_pipeline_that_stock_diffusers_loads(unet_overr
     a = pipe("a small red circle", generator=torch.Generator().manual_seed(1), **kwargs).images
     b = stock("a small red circle", generator=torch.Generator().manual_seed(1), **kwargs).images
     assert a.shape == (1, 16, 16, 3) and abs(a - b).max() <= 1e-4
+    assert (stock.unet.config.addition_embed_type == "text") == pooled
+    if pooled:  # the pooled text path is live: without it the same call gives other images
+        pipe.unet.add_embedding.proj.weight.data.zero_()
+        c = pipe("a small red circle", generator=torch.Generator().manual_seed(1), **kwargs).images
+        assert abs(a - c).max() > 1e-3
 
 
 def _cache_setup(unet_overrides, tmp_path, *extra):

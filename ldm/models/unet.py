@@ -26,8 +26,15 @@ def build_unet(model: UNetModelConfig, sample_size: int, latent_channels: int,
     """A U-Net over (latent_channels, sample_size, sample_size) latents, cross-attending to text.
 
     With ``model.learned_variance`` it outputs 2 x latent_channels: the prediction and the
-    Improved-DDPM variance interpolation v (see ``ldm.losses.diffusion``).
+    Improved-DDPM variance interpolation v (see ``ldm.losses.diffusion``). With ``model.pooled_text``
+    the text states c are also pooled, e = LayerNorm(W · AttentionPool(LayerNorm(c))), and added to the
+    timestep embedding (diffusers' ``addition_embed_type="text"``, GLIDE §2.3): the saved config carries
+    it, so stock ``StableDiffusionPipeline`` runs the same U-Net with no extra inputs.
     """
+    if model.pooled_text and cross_attention_dim % model.attention_heads:
+        raise ValueError(f"model.pooled_text pools the text states with model.attention_heads={model.attention_heads} "
+                         f"heads, which must divide the text width {cross_attention_dim}")
+    pooled = {"addition_embed_type": "text", "addition_embed_type_num_heads": model.attention_heads}
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in model.cross_attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(model.cross_attention))
     return UNet2DConditionModel(
@@ -42,6 +49,7 @@ def build_unet(model: UNetModelConfig, sample_size: int, latent_channels: int,
         transformer_layers_per_block=model.transformer_layers,
         norm_num_groups=model.norm_num_groups,
         cross_attention_dim=cross_attention_dim,
+        **(pooled if model.pooled_text else {}),
     )
 
 
