@@ -392,19 +392,36 @@ class EMAConfig:
         _at_least("ema.snapshot_every", self.snapshot_every, 1)
 
 
+LORA_TARGET_SETS = ("attention", "feed_forward", "resnet", "time_embedding")  # module names: ldm.models.unet
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
-    """LoRA on the U-Net attention projections (rank 0 = full fine-tune)."""
+    """LoRA (W + (alpha / rank)·B·A) on sets of U-Net layers, through peft (rank 0 = full fine-tune).
+
+    targets: attention (to_q/k/v/out), feed_forward (the transformer blocks' MLPs), resnet (the ResNet blocks'
+    3x3 and shortcut convolutions and their time-embedding projections: LoCon), time_embedding (its two
+    linear layers). feed_forward also adds the text encoder's MLPs when it is trained."""
 
     rank: int = 0
     alpha: float | None = None  # None = rank
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    targets: tuple[str, ...] = ("attention",)
+    target_modules: tuple[str, ...] = ()  # explicit peft module names that replace `targets`, e.g. [attn2.to_k]
     train_text_encoder: bool = False
+    text_encoder_learning_rate: float | None = None  # the text encoder's own rate; None = train.learning_rate
 
     def __post_init__(self):
         _at_least("lora.rank", self.rank, 0)
         _number("lora.alpha", self.alpha, 0, low_open=True, nullable=True)
-        _check(self.rank == 0 or len(self.target_modules) >= 1, "lora.target_modules", "needs at least one module")
+        unknown = [t for t in self.targets if t not in LORA_TARGET_SETS]
+        _check(not unknown, "lora.targets", f"has unknown sets {unknown}; choose from {list(LORA_TARGET_SETS)}")
+        _check(not self.target_modules or self.targets == ("attention",), "lora.targets",
+               "and lora.target_modules are both set: target_modules (module names) replaces targets; keep one")
+        _check(self.rank == 0 or bool(self.targets or self.target_modules), "lora.targets",
+               "needs at least one set (or lora.target_modules at least one module)")
+        _number("lora.text_encoder_learning_rate", self.text_encoder_learning_rate, 0, low_open=True, nullable=True)
+        _check(self.text_encoder_learning_rate is None or self.train_text_encoder, "lora.text_encoder_learning_rate",
+               "is set but lora.train_text_encoder is false (set it to true, or remove the rate)")
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,19 @@
 """Process coordination without barriers that can hang: one process decides, every process hears the answer.
 
 Used by the steps that touch a shared folder from many processes (the latent cache, DreamBooth's class
-images). ``dist`` is an ``Accelerator`` or ``PartialState`` (``process_index``, ``num_processes``,
-``is_main_process``, ``wait_for_everyone``), or ``SingleProcess()`` for one process.
+images), and by the image check that each process makes of its share of the data. ``dist`` is an
+``Accelerator`` or ``PartialState`` (``process_index``, ``num_processes``, ``is_main_process``,
+``wait_for_everyone``), or ``SingleProcess()`` for one process.
 """
 
 from __future__ import annotations
 
 import pickle
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 class SingleProcess:
@@ -47,22 +50,30 @@ def main_decides(dist, decide: Callable[[], str]) -> str:
 def everyone_does(dist, work: Callable[[], None]) -> None:
     """``work()`` on every process of ``dist``, then wait for all of them; an error on any process is raised
     on every process (the failing one raises its own), so none waits at a barrier for ever."""
-    error = None
+    gather_from_everyone(dist, work)
+
+
+def gather_from_everyone(dist, work: Callable[[], T]) -> list[T]:
+    """``work()`` on every process of ``dist``; every process gets the list of all their results (process
+    order). An error on any process is raised on every process (the failing one raises its own)."""
+    result, error = None, None
     try:
-        work()
+        result = work()
     except Exception as err:  # noqa: BLE001 - exchanged, then raised
         error = err
     if _alone(dist):
         if error is not None:
             raise error
-        return
-    errors: list = [None] * dist.num_processes
-    torch.distributed.all_gather_object(errors, None if error is None else _portable(error))
+        return [result]
+    gathered: list = [None] * dist.num_processes
+    mine = ("error", _portable(error)) if error is not None else ("ok", result)
+    torch.distributed.all_gather_object(gathered, mine)
     if error is not None:
         raise error
-    failed = next((k for k, e in enumerate(errors) if e is not None), None)
+    failed = next((value for kind, value in gathered if kind == "error"), None)
     if failed is not None:
-        raise errors[failed]
+        raise failed
+    return [value for _, value in gathered]
 
 
 def _alone(dist) -> bool:

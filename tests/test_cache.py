@@ -8,12 +8,16 @@ import fcntl
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,7 +28,8 @@ from ldm.config import UNetStageConfig, load_config
 import ldm.data.cache as cache_module
 from ldm.data.cache import CacheInUseError, build_cache, cache_status, fingerprint, module_hash, plan_shards
 from ldm.data.cached import CachedLatentDataset, check_cache, read_manifest
-from ldm.data.images import ImageCaptionDataset
+import ldm.data.images as images_module
+from ldm.data.images import ImageCaptionDataset, image_name
 from ldm.data.shards import DamagedCacheError
 from ldm.models.text import encode_prompts
 from ldm.models.unet import load_components
@@ -188,13 +193,21 @@ def test_shard_plan_is_a_function_of_the_data_only(unet_overrides):
 
 
 # ``python -m train.cache`` with test hooks: RECORD_SHARES=<dir> writes the first example position of every
-# shard each process encodes to <dir>/rank-<r>.txt; HIDE_FROM_MAIN=1 hides the odd shards (process 1's) from
-# the main process, as a node-local cache.dir would.
+# shard each process encodes to <dir>/rank-<r>.txt; RECORD_OPENS=<dir> writes the name of every image each
+# process opens to <dir>/rank-<r>.txt; HIDE_FROM_MAIN=1 hides the odd shards (process 1's) from the main
+# process, as a node-local cache.dir would.
 WORKER = """
 import os
 import ldm.data.cache as C
+import ldm.data.images as I
 
 rank = int(os.environ["RANK"])
+if os.environ.get("RECORD_OPENS"):
+    def opened(value, decode=I.decode_image):
+        with open(os.path.join(os.environ["RECORD_OPENS"], f"rank-{rank}.txt"), "a") as f:
+            f.write(I.image_name(value, -1) + "\\n")
+        return decode(value)
+    I.decode_image = opened
 if os.environ.get("RECORD_SHARES"):
     def recorded(dataset, positions, *args, encode=C._encode_group):
         with open(os.path.join(os.environ["RECORD_SHARES"], f"rank-{rank}.txt"), "a") as f:
@@ -231,15 +244,23 @@ def test_two_processes_build_the_same_cache_as_one(unet_overrides, tmp_path):
     base = [o for o in unet_overrides if not o.startswith("output_dir")] + ["data.random_flip=true",
                                                                             "cache.shard_size=10"]
     (tmp_path / "shares").mkdir()
+    (tmp_path / "opens").mkdir()
     two = _torchrun(2, 29561, base + [f"cache.dir={tmp_path / 'two'}", f"output_dir={tmp_path / 'out'}"],
-                    worker=_worker(tmp_path), env={"RECORD_SHARES": str(tmp_path / "shares")})
+                    worker=_worker(tmp_path), env={"RECORD_SHARES": str(tmp_path / "shares"),
+                                                   "RECORD_OPENS": str(tmp_path / "opens")})
     assert "5 shards, 2 process(es)" in two.stderr
     shares = {r: (tmp_path / "shares" / f"rank-{r}.txt").read_text().split() for r in (0, 1)}
     assert shares == {0: ["0", "20", "40"], 1: ["10", "30"]}  # shards 0, 2, 4 and 1, 3 (of 10 examples), each once
+    records = ImageCaptionDataset(_cfg(base).data, check=False).records
+    names = [image_name(records[i]["image"], i) for i in range(48)]
+    opens = {r: Counter((tmp_path / "opens" / f"rank-{r}.txt").read_text().split()) for r in (0, 1)}
+    # each process opened only the images of its own shards: once to check them, once to encode them
+    assert opens[0] == Counter({n: 2 for n in names[0:10] + names[20:30] + names[40:48]})
+    assert opens[1] == Counter({n: 2 for n in names[10:20] + names[30:40]})
     cli(["cache", "build", "--config", str(REPO / "configs/unet/shapes.yaml"),
          *[a for o in base + [f"cache.dir={tmp_path / 'one'}", f"output_dir={tmp_path / 'out'}"] for a in ("--set", o)]])
     one, both = _files(tmp_path / "one"), _files(tmp_path / "two")
-    assert one.keys() == both.keys() and len(one) == 7 and all(one[k] == both[k] for k in one)
+    assert one.keys() == both.keys() and len(one) == 8 and all(one[k] == both[k] for k in one)
     assert json.loads(one["manifest.json"])["examples"] == 48
 
 
@@ -297,9 +318,7 @@ def test_a_second_build_of_the_same_cache_at_the_same_time_is_refused(unet_overr
     assert not (tmp_path / ".tmp-cache").exists() and not (tmp_path / "cache").exists()
     os.close(fd)
     _build(cfg, tmp_path / "cache")
-    fd = os.open(tmp_path / ".cache.lock", os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the build ended
-    os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # the lock is released and its file removed
 
 
 def test_a_build_killed_while_committing_keeps_its_shards(unet_overrides, tmp_path, monkeypatch):
@@ -323,6 +342,124 @@ def test_a_build_killed_while_committing_keeps_its_shards(unet_overrides, tmp_pa
     _build(cfg, tmp_path / "cache", encode_images=counting)
     assert calls == []  # every shard kept
     assert cache_status(tmp_path / "cache", read_manifest(tmp_path / "cache")["fingerprint"]) == "current"
+
+
+def test_the_lock_file_is_removed_safely_when_a_job_opened_it_just_before(tmp_path, monkeypatch):
+    """Job B opens the lock file, job A (the holder) releases and deletes it, then B locks the deleted file: B must
+    notice and lock the file now at the path, or a third job could build beside it."""
+    from ldm.data import cache_lock
+
+    folder, path = tmp_path / "cache", tmp_path / ".cache.lock"
+    holder = cache_lock.lock_build(folder)
+    real_flock, locked = cache_lock.fcntl.flock, []
+
+    def flock_after_the_holder_lets_go(fd, how):
+        if not locked:  # B has opened the file; now A releases it (deletes it, then closes it)
+            cache_lock.unlock_build(folder, holder)
+        locked.append(fd)
+        return real_flock(fd, how)
+
+    monkeypatch.setattr(cache_lock.fcntl, "flock", flock_after_the_holder_lets_go)
+    b = cache_lock.lock_build(folder)
+    monkeypatch.undo()
+    assert len(locked) == 2 and locked[1] == b  # locked the deleted file, saw it, opened the path again
+    assert os.stat(path)[1:3] == os.fstat(b)[1:3]  # (inode, device): the file at the path
+    assert path.read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+    with pytest.raises(CacheInUseError, match=f"pid {os.getpid()}"):  # a third job is refused: B holds the path
+        cache_lock.lock_build(folder)
+    cache_lock.unlock_build(folder, b)
+    assert not path.exists()
+
+
+def test_a_build_killed_at_any_step_of_its_commit_keeps_every_shard(unet_overrides, tmp_path, monkeypatch):
+    """Killed before the manifest, between the deletes of the shard records, after ``build.json`` is gone, or just
+    before the rename: the next build encodes nothing again and gives the cache a build never killed gives."""
+    cfg = _cfg(unet_overrides)
+    parts = load_components(cfg)
+    dataset = ImageCaptionDataset(cfg.data)
+    fp = fingerprint(dataset, module_hash(parts.vae), module_hash(parts.text_encoder), torch.float32)
+    encoded = []
+
+    def build(folder):
+        build_cache(folder, dataset, fp, lambda x: encoded.append(len(x)) or stage2.posterior_moments(parts.vae, x),
+                    lambda t: encode_prompts(parts.text_encoder, parts.tokenizer, t), shard_size=10)
+
+    build(tmp_path / "fresh")
+    fresh = _files(tmp_path / "fresh")
+    with monkeypatch.context() as m:  # every shard written, killed as the commit starts
+        m.setattr(cache_module, "commit_cache", lambda *a: _raise(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            build(tmp_path / "c")
+    shutil.move(tmp_path / ".tmp-c", tmp_path / "staged")
+    committing = [False]
+    commit = cache_module.commit_cache
+
+    def tracked(*args):
+        committing[0] = True
+        try:
+            return commit(*args)
+        finally:
+            committing[0] = False
+
+    steps = [(cache_module, "write_json", 0), (cache_module, "fsync_tree", 0)]  # before / after the manifest
+    steps += [(Path, "unlink", n) for n in range(6)]  # before deleting record n (5 shards) or build.json (n = 5)
+    steps += [(cache_module, "fsync_tree", 1), (cache_module, "restore_interrupted_replace", 0),
+              (cache_module, "replace_folder", 0)]
+    for target, name, survived in steps:
+        folder = tmp_path / f"c-{name}-{survived}"
+        shutil.copytree(tmp_path / "staged", tmp_path / f".tmp-{folder.name}")
+        real, calls = getattr(target, name), []
+
+        def dying(*args, real=real, survived=survived, calls=calls, **kwargs):
+            if committing[0] and len(calls) == survived:
+                raise KeyboardInterrupt  # killed here
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        encoded.clear()
+        with monkeypatch.context() as m:
+            m.setattr(cache_module, "commit_cache", tracked)
+            m.setattr(target, name, dying)
+            with pytest.raises(KeyboardInterrupt):
+                build(folder)
+        assert not folder.exists(), (name, survived)
+        build(folder)
+        assert encoded == [] and _files(folder) == fresh, (name, survived)  # every shard kept, nothing re-encoded
+        assert not (tmp_path / f".tmp-{folder.name}").exists() and not (tmp_path / f".{folder.name}.lock").exists()
+
+
+def _raise(error):
+    raise error
+
+
+def test_a_run_on_a_prebuilt_cache_opens_no_image(unet_overrides, shapes16, tmp_path, monkeypatch):
+    """The cache records the image check (one unreadable image here); a run that finds the cache current takes
+    the check from it and opens no image at all, and sees the dataset a fresh check sees."""
+    from train.cache import main as build_main
+
+    shutil.copytree(shapes16, tmp_path / "data")
+    records = ImageCaptionDataset(_cfg(unet_overrides, f"data.path={tmp_path / 'data'}").data, check=False).records
+    broken = image_name(records[5]["image"], 5)
+    (tmp_path / "data" / broken).write_bytes(b"not an image")
+    shared = [*unet_overrides, f"data.path={tmp_path / 'data'}", f"cache.dir={tmp_path / 'shared'}"]
+    decoded, opened = [], []
+    decode, open_ = images_module.decode_image, PIL.Image.open
+    monkeypatch.setattr(images_module, "decode_image", lambda v: decoded.append(v) or decode(v))
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: opened.append(a) or open_(*a, **k))
+    build_main(_cfg(shared))
+    assert len(decoded) == len(opened) == 48 + 47  # every image checked once, the 47 readable ones encoded once
+    images = read_manifest(tmp_path / "shared")["images"]
+    assert {k: images[k] for k in ("checked", "readable", "skipped")} == {"checked": 48, "readable": 47,
+                                                                          "skipped": [broken]}
+    decoded.clear(), opened.clear()
+    stage2.main(_cfg(shared, f"output_dir={tmp_path / 'run'}"))
+    assert decoded == [] and opened == []  # no image opened: not to check, not to encode
+    assert len(logged(tmp_path / "run")) == 4
+    fresh = ImageCaptionDataset(_cfg(shared).data)  # opens every image again
+    adopted = ImageCaptionDataset(_cfg(shared).data, check=False)
+    decoded.clear()
+    stage2.latent_cache(None, _cfg(shared), adopted, load_components(_cfg(shared)))
+    assert decoded == [] and (adopted.valid, adopted.sizes, adopted.skipped) == (fresh.valid, fresh.sizes, [broken])
 
 
 def test_the_main_process_waits_a_moment_for_shards_a_shared_filesystem_shows_late(tmp_path):

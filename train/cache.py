@@ -48,7 +48,7 @@ def main(cfg: UNetStageConfig) -> Path:
     bad = [b for b in cfg.data.buckets if b[0] % f or b[1] % f]
     if bad:
         raise UserError(f"data.buckets {bad}: sides must be multiples of the VAE's downsampling factor {f}")
-    dataset = ImageCaptionDataset(cfg.data)
+    dataset = ImageCaptionDataset(cfg.data, check=False)  # checked by the build, split; not at all if current
     parts = Components(vae.to(state.device), text_encoder.to(state.device), tokenizer, None, None)
     folder = latent_cache(state, cfg, dataset, parts)
     if state.is_main_process:

@@ -39,7 +39,8 @@ from ldm.entry import stage_entry
 from ldm.evaluation.heldout import encode_heldout, heldout_data_config, heldout_loss
 from ldm.losses import diffusion as D
 from ldm.models.text import encode_prompts
-from ldm.models.unet import load_components, save_pipeline, trainable_parameters, vae_scale_factor
+from ldm.models.unet import (load_components, parameter_groups, save_pipeline, trainable_parameters,
+                             vae_scale_factor)
 from ldm.models.vae import normalize_latents
 from ldm.training import (Checkpointer, ExampleRNG, apply_update, gradient_sync,
                           log_batch_geometry, make_accelerator, make_lr_scheduler, new_state, seed_step,
@@ -65,7 +66,8 @@ def main(cfg: UNetStageConfig) -> Path:
     params = trainable_parameters(unet, text_encoder, cfg.lora)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
-    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+    groups = parameter_groups(params, text_encoder, cfg.lora, train.learning_rate)  # + the text encoder's own rate
+    optimizer = torch.optim.AdamW(groups, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                                   weight_decay=train.weight_decay)
     lr_scheduler = make_lr_scheduler(optimizer, train)
     models = {"unet": unet}
@@ -219,7 +221,7 @@ def training_batches(accelerator, cfg: UNetStageConfig, start: int, parts):
         stream = StreamingImageCaptions(cfg.data, train.seed, rank, world, train.batch_size, start_batches=start)
         return iter(DataLoader(stream, batch_size=train.batch_size, collate_fn=collate, **loader)), \
             "streamed, encoded every step"
-    dataset = ImageCaptionDataset(cfg.data)
+    dataset = ImageCaptionDataset(cfg.data, check=False)  # images checked below: split, or not at all
     check_buckets(cfg, parts)
     data, collate_fn = training_data(accelerator, cfg, dataset, parts)
     sampler = ResumableBatchSampler(dataset.groups(), train.batch_size, train.seed, rank, world, start=start)
@@ -239,18 +241,23 @@ def check_buckets(cfg: UNetStageConfig, parts) -> None:
 
 
 def training_data(accelerator, cfg: UNetStageConfig, dataset, parts):
-    """The dataset the loader reads: cached moments + text states, or images encoded every step."""
+    """The dataset the loader reads: cached moments + text states, or images encoded every step.
+
+    ``dataset``'s images are checked here, each process checking its share; a current cache holds that
+    check, and then no image is opened at all."""
     if not cfg.cache.enabled or cfg.lora.train_text_encoder:
         if cfg.lora.train_text_encoder and cfg.cache.enabled:
             logger.info("the text encoder is trained: no cache, images and captions are encoded every step")
+        dataset.check(accelerator, cfg.cache.shard_size)
         return dataset, collate
     folder = latent_cache(accelerator, cfg, dataset, parts)
     return CachedLatentDataset(folder, dataset, in_memory=cfg.cache.in_memory), collate_cached
 
 
 def latent_cache(dist, cfg: UNetStageConfig, dataset, parts) -> Path:
-    """The cache folder for ``cfg``: reused when its fingerprint matches, else built by every process of
-    ``dist`` (each encodes its share of the shards; ``ldm.data.cache.build_cache``)."""
+    """The cache folder for ``cfg``: reused when its fingerprint matches (``dataset`` then takes the image check
+    the cache recorded), else built by every process of ``dist`` (each checks and encodes its share of the
+    shards; ``ldm.data.cache.build_cache``)."""
     vae, text_encoder, tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
     dtype = STORAGE_DTYPES[cfg.cache.dtype]
     fp = fingerprint(dataset, module_hash(vae), module_hash(text_encoder), dtype)

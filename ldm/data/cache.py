@@ -4,21 +4,30 @@ For every example the cache stores the VAE posterior moments (mean, log-variance
 centre-cropped image — and of its mirror image when ``data.random_flip`` is on — and the text
 encoder's hidden states of its caption, in safetensors shards, one folder per aspect bucket:
 
-    <cache>/manifest.json                      fingerprint, dtype, every shard's size and sha256 (written last)
+    <cache>/manifest.json                      fingerprint, dtype, every shard's size and sha256, the image
+                                               check (records checked, skipped names) (written last)
     <cache>/bucket-<H>x<W>/shard-00000.safetensors   index (N,), mean/logvar (N, C, h, w),
                                                      [mean_flip/logvar_flip], text (N, L, D)
     <cache>/empty.safetensors                  the empty prompt's hidden states (caption dropout)
+    <cache>/images.safetensors                 the image check: valid (N,) record indices, sizes (N, 2)
 
-Building (``build_cache``): the shards are a pure function of the dataset and ``cache.shard_size``
-(``plan_shards``); process ``r`` of ``W`` encodes shards ``r, r + W, r + 2W, …`` into a staging folder
-``.tmp-<cache>`` beside the cache, each shard written atomically with a record of its size and hash. Then
-the main process writes ``empty.safetensors`` and the manifest, and renames the staging folder into place:
-the cache appears complete or not at all, and is the same, byte for byte, whatever the number of
-processes. A killed build keeps its finished shards; the next build with the same plan continues. The
-main process holds an exclusive lock (``.<cache>.lock`` beside the cache) for the whole build: a second
-job that would build the same folder at the same time is refused with a message. Every step after which
-processes wait for each other exchanges each process's outcome, so an error on one process is raised on
-all of them (none waits at a barrier for ever).
+Building (``build_cache``): first every image is decoded once (``ldm.data.images.validate_images``), each
+process checking its share (runs of ``cache.shard_size`` records, process ``r`` of ``W`` taking runs ``r,
+r + W, …``); the results are gathered on every process. The shards are a pure function of the checked
+dataset and ``cache.shard_size`` (``plan_shards``); process ``r`` encodes shards ``r, r + W, r + 2W, …`` into
+a staging folder ``.tmp-<cache>`` beside the cache, each shard written atomically with a record of its size
+and hash. Then the main process writes ``empty.safetensors``, ``images.safetensors`` and the manifest, and
+renames the staging folder into place: the cache appears complete or not at all, and is the same, byte for
+byte, whatever the number of processes. A killed build keeps its finished shards, whenever it is killed
+(during the commit the manifest holds every shard's record); the next build with the same plan continues.
+The main process holds an exclusive lock (``.<cache>.lock`` beside the cache, removed when the build ends)
+for the whole build: a second job that would build the same folder at the same time is refused with a
+message. Every step after which processes wait for each other exchanges each process's outcome, so an error
+on one process is raised on all of them (none waits at a barrier for ever).
+
+A run whose fingerprint matches a cache opens no image: the fingerprint names the data's records (whose
+``datasets`` fingerprint follows every data file's modification time), and the image check it needs (which
+examples are readable, and their sizes for the aspect buckets) is the one recorded in the cache.
 
 Reading (``ldm.data.cached.CachedLatentDataset``) takes rows straight from the shard files, so memory
 does not grow with the dataset. Training draws z = mean + exp(logvar / 2) * ε from the cached moments
@@ -37,7 +46,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -46,26 +54,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import fsync_tree, replace_folder, restore_interrupted_replace
+from ldm.data.cache_lock import CacheInUseError, lock_build, unlock_build  # noqa: F401
 from ldm.data.cached import CachedLatentDataset, check_cache, collate_cached, read_manifest  # noqa: F401
 from ldm.data.images import ImageCaptionDataset, collate
-from ldm.data.shards import DamagedCacheError, save_shard, write_json
+from ldm.data.shards import DamagedCacheError, load_shard, save_shard, write_json
 from ldm.distributed import SingleProcess, everyone_does, main_decides
-from ldm.errors import UserError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: no lock
-    fcntl = None
 
 logger = logging.getLogger(__name__)
 SHARD_SIZE = 1024
-CACHE_VERSION = 2
+IMAGES = "images.safetensors"  # the image check: valid record indices and their sizes
+CACHE_VERSION = 3  # 3: the image check is recorded in the cache (images.safetensors), not in the fingerprint
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_WAIT_S = (0.125, 0.25, 0.5, 1.0)  # before a shard of another process counts as missing (NFS caches stat)
-
-
-class CacheInUseError(UserError, RuntimeError):
-    """Another job is building the same cache folder."""
 
 
 def module_hash(module: torch.nn.Module) -> str:
@@ -87,17 +87,19 @@ def module_hash(module: torch.nn.Module) -> str:
 
 
 def fingerprint(dataset: ImageCaptionDataset, vae_hash: str, text_hash: str, dtype: torch.dtype) -> dict:
-    """Everything that determines the cache's contents (``dtype``: the storage dtype of moments and text)."""
+    """Everything that determines the cache's contents (``dtype``: the storage dtype of moments and text).
+
+    Computed without opening an image: the records' ``datasets`` fingerprint names the data files (and
+    their modification times), so the image check's result is a function of it (``build_cache``)."""
     data = dataset.data
     if data.crop == "random":
         raise ValueError("data.crop=random cannot use the latent cache (each epoch sees a different window); "
                          "set data.crop=center or cache.enabled=false")
     records_id = getattr(dataset.records, "_fingerprint", None) or str(len(dataset.records))
-    valid = hashlib.sha256(",".join(map(str, dataset.valid)).encode()).hexdigest()
     return {"version": CACHE_VERSION, "vae": vae_hash, "text_encoder": text_hash, "dtype": str(dtype),
             "resolution": data.resolution, "buckets": [list(b) for b in data.buckets], "crop": data.crop,
             "flip": data.random_flip, "dataset": {"path": data.path, "split": data.split, "records": records_id,
-                                                  "valid": valid, "image_column": data.image_column,
+                                                  "examples": len(dataset.records), "image_column": data.image_column,
                                                   "caption_column": data.caption_column}}
 
 
@@ -150,8 +152,8 @@ def _is_ours(folder: Path) -> bool:
     except (OSError, ValueError):
         pass
     entries = list(folder.iterdir())
-    return all(p.name in ("manifest.json", "empty.safetensors") or (p.name.startswith("bucket-") and p.is_dir())
-               for p in entries) and len(entries) > 1
+    return all(p.name in ("manifest.json", "empty.safetensors", IMAGES) or
+               (p.name.startswith("bucket-") and p.is_dir()) for p in entries) and len(entries) > 1
 
 
 def is_current(folder: Path, expected: dict) -> bool:
@@ -168,12 +170,18 @@ def build_cache(folder: str | Path, dataset: ImageCaptionDataset, fp: dict,
     with its own encoders: process r encodes shards r, r + W, … of ``plan_shards``; the main process writes
     the manifest last and moves the finished cache into place. ``folder`` must be on a filesystem that
     every process sees. Raises CacheInUseError while another job builds the same ``folder``.
+
+    ``dataset`` may come unchecked (``ImageCaptionDataset(..., check=False)``): a current cache gives it the
+    image check it recorded (no image is opened), else every process checks its share of the images.
     """
     dist, folder = dist or SingleProcess(), Path(folder)
     status = main_decides(dist, lambda: cache_status(folder, fp))  # one answer for all, before any change
     if status == "current":
+        adopt_image_check(folder, dataset, dist)
         logger.info("latent cache %s is current", folder)
         return folder
+    if not dataset.checked:
+        dataset.check(dist, shard_size)
     plan = plan_shards(dataset, shard_size)
     staging = folder.parent / f".tmp-{folder.name}"
     spec = {"fingerprint": fp, "shards": [name for name, _ in plan], "shard_size": shard_size,
@@ -205,10 +213,9 @@ def build_cache(folder: str | Path, dataset: ImageCaptionDataset, fp: dict,
             logger.info("latent cache %s is current (built by another job meanwhile)", folder)
             return folder
         everyone_does(dist, encode_mine)
-        main_decides(dist, lambda: commit_cache(staging, folder, fp, plan, encode_texts, dtype))
+        main_decides(dist, lambda: commit_cache(staging, folder, spec, dataset, encode_texts, dtype))
     finally:
-        if lock is not None:
-            os.close(lock)
+        unlock_build(folder, lock)
     if dist.is_main_process:
         logger.info("latent cache written to %s (%d examples)", folder, len(dataset))
     return folder
@@ -218,30 +225,11 @@ REASONS = {"absent": "does not exist yet", "stale": "was made by other models or
            "damaged": "is damaged (a shard is missing, truncated or unreadable)"}
 
 
-def lock_build(folder: Path) -> int | None:
-    """An exclusive ``flock`` on ``.<name>.lock`` beside ``folder`` (its file descriptor; closing it releases
-    the lock, and so does the kernel when the process ends however it ends). Another job holding it: refused."""
-    if fcntl is None:
-        return None
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise CacheInUseError(f"latent cache {folder} is being built by another job ({holder}); wait for it to "
-                              f"finish and start this one again (it will find the cache current), or set another "
-                              f"cache.dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    return fd
-
-
 def open_staging(staging: Path, spec: dict) -> None:
     """Keep the finished shards of an interrupted build with the same ``spec`` (and delete the temporary
     files of writes it was killed in); otherwise start afresh."""
     marker = staging / "build.json"
+    reopen_commit(staging, spec)
     if marker.exists() and marker.read_text() == json.dumps(spec, sort_keys=True):
         for leftover in staging.rglob(".*.tmp-*"):  # ``write_atomic``'s names: never renamed into place
             leftover.unlink()
@@ -263,27 +251,66 @@ def shard_done(staging: Path, name: str) -> bool:
         return False
 
 
-def commit_cache(staging: Path, folder: Path, fp: dict, plan, encode_texts, dtype: torch.dtype) -> None:
-    """Main process, after every shard is written: empty prompt, manifest, fsync, then (only then) drop the
-    build's records and ``build.json`` (last), and rename into place. A kill before the records go leaves a
-    staging folder that the next build continues without encoding anything again."""
-    missing = _missing_shards(staging, [name for name, _ in plan])
+def commit_cache(staging: Path, folder: Path, spec: dict, dataset: ImageCaptionDataset, encode_texts,
+                 dtype: torch.dtype) -> None:
+    """Main process, after every shard is written: empty prompt, image check, manifest (with every shard's
+    record and the build's spec), fsync; then drop the build's records and ``build.json``, and rename into
+    place. A kill at any step before the rename leaves a staging folder that the next build continues
+    without encoding anything again: before the manifest by the records, after it by the manifest
+    (``reopen_commit``)."""
+    names = spec["shards"]
+    missing = _missing_shards(staging, names)
     if missing:
         raise DamagedCacheError(f"cache shard(s) {', '.join(missing[:3])} were not written to {staging}; every "
                                 f"process must see the same cache.dir (a filesystem shared by all machines) — "
                                 f"is it node-local?")
-    shards = [{"name": name, **json.loads((staging / f"{name}.json").read_text())} for name, _ in plan]
+    shards = [{"name": name, **json.loads((staging / f"{name}.json").read_text())} for name in names]
     empty = save_shard(staging / "empty.safetensors", {"text": encode_texts([""])[0].to("cpu", dtype)})
-    manifest = {"fingerprint": fp, "dtype": str(dtype).removeprefix("torch."),
-                "examples": sum(len(p) for _, p in plan), "shards": shards, "empty": empty}
+    images = save_shard(staging / IMAGES, {"valid": torch.tensor(dataset.valid, dtype=torch.int64),
+                                           "sizes": torch.tensor(dataset.sizes, dtype=torch.int64).view(-1, 2)})
+    images |= {"checked": len(dataset.records), "readable": len(dataset.valid), "skipped": dataset.skipped}
+    manifest = {"fingerprint": spec["fingerprint"], "dtype": str(dtype).removeprefix("torch."),
+                "examples": len(dataset), "shards": shards, "empty": empty, "images": images,
+                "build": {k: v for k, v in spec.items() if k not in ("fingerprint", "shards")}}
     write_json(staging / "manifest.json", manifest)
     fsync_tree(staging)
-    for name, _ in plan:
+    for name in names:  # from here on a kill leaves the manifest, which holds these records
         (staging / f"{name}.json").unlink()
-    (staging / "build.json").unlink()  # last: without it a next build would start afresh
+    (staging / "build.json").unlink()
     fsync_tree(staging, files=False)  # the deletes (the files were synced above)
     restore_interrupted_replace(folder)
     replace_folder(staging, folder)
+
+
+def reopen_commit(staging: Path, spec: dict) -> None:
+    """A build with the same ``spec`` killed in ``commit_cache`` after its manifest was written (its shard
+    records or ``build.json`` perhaps deleted): write them back from the manifest, then delete the manifest,
+    so the build goes on as one killed before its commit, with every shard finished."""
+    try:
+        manifest = json.loads((staging / "manifest.json").read_text())
+        made_by = {"fingerprint": manifest["fingerprint"], "shards": [r["name"] for r in manifest["shards"]],
+                   **manifest["build"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if json.dumps(made_by, sort_keys=True) != json.dumps(spec, sort_keys=True):
+        return
+    for record in manifest["shards"]:
+        if not shard_done(staging, record["name"]):
+            write_json(staging / f"{record['name']}.json", {k: v for k, v in record.items() if k != "name"})
+    write_json(staging / "build.json", spec)
+    (staging / "manifest.json").unlink()
+
+
+def adopt_image_check(folder: Path, dataset: ImageCaptionDataset, dist) -> None:
+    """Give ``dataset`` the image check recorded in the current cache ``folder`` (unless it has its own)."""
+    if dataset.checked:
+        return
+    manifest, check = read_manifest(folder), load_shard(folder / IMAGES)
+    dataset.adopt(check["valid"].tolist(), check["sizes"].tolist(), manifest["images"]["skipped"])
+    if dataset.skipped and dist.is_main_process:
+        logger.warning("the latent cache %s leaves out %d corrupt or unreadable image(s) (found when it was built): "
+                       "%s", folder, len(dataset.skipped), ", ".join(dataset.skipped[:20]) +
+                       (" ..." if len(dataset.skipped) > 20 else ""))
 
 
 def _missing_shards(staging: Path, names: list[str]) -> list[str]:

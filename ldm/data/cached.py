@@ -35,7 +35,10 @@ def check_cache(folder: Path, manifest: dict, full: bool = False) -> list[str]:
     """What is wrong with the cache's files: missing, or another size than the manifest records (``full``:
     also another sha256). Empty when the cache is intact. Sizes cost one ``stat`` per shard."""
     problems = []
-    for record in [*manifest["shards"], {"name": "empty.safetensors", **manifest.get("empty", {})}]:
+    files = [*manifest["shards"], {"name": "empty.safetensors", **manifest.get("empty", {})}]
+    if "images" in manifest:  # the image check (caches of version 3 on)
+        files.append({"name": "images.safetensors", **manifest["images"]})
+    for record in files:
         path = Path(folder) / record["name"]
         if not path.is_file():
             problems.append(f"{record['name']} is missing")

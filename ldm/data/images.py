@@ -5,8 +5,14 @@ column), a local folder of webdataset ``.tar`` shards, or a dataset name for
 ``datasets.load_dataset``. Images are decoded here, not by ``datasets``, so that a corrupt file
 is skipped and reported by name instead of crashing step 1000.
 
-Every example is converted to RGB (L, LA, P, RGBA, CMYK, 16-bit, float), resized so its shorter
-side matches the target, centre- or randomly cropped, optionally flipped, and scaled to [-1, 1].
+Every image is opened by one function, ``decode_image``, which turns it upright as image viewers do
+(its EXIF orientation applied: ``PIL.ImageOps.exif_transpose``, as ``datasets``' own decoder does), so
+a phone's portrait photo (orientation 6) is never trained on sideways. Every example is then converted
+to RGB (L, LA, P, RGBA, CMYK, 16-bit, float), resized so its shorter side matches the target, centre-
+or randomly cropped, optionally flipped, and scaled to [-1, 1].
+
+Every image is decoded once before training (``validate_images``), split across processes the way
+the latent cache splits its shards; a matching prebuilt cache records that check and skips it.
 """
 
 from __future__ import annotations
@@ -15,22 +21,25 @@ import io
 import json
 import logging
 import random
+import struct
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ldm.config import DataConfig
+from ldm.distributed import SingleProcess, gather_from_everyone
 from ldm.errors import UserError
 from ldm.locations import local_or_hub, not_found_here_or_on_hub
 
 logger = logging.getLogger(__name__)
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CHECK_RUN = 1024  # records per unit of the split image check (the latent cache passes its cache.shard_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,7 +60,11 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
 
 
 def decode_image(value) -> Image.Image:
-    """Open a ``datasets`` image value (dict with bytes/path, a path, or a PIL image) fully."""
+    """Open a ``datasets`` image value (dict with bytes/path, a path, bytes, or a PIL image) fully and upright.
+
+    The one place an image is opened: every loader (imagefolder, Hub, streaming/webdataset, DreamBooth,
+    evaluation) comes here, so every one applies the EXIF orientation (``upright``).
+    """
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, dict) and value.get("bytes") is not None:
@@ -65,6 +78,16 @@ def decode_image(value) -> Image.Image:
     else:
         raise ValueError(f"cannot read an image from a {type(value).__name__}")
     image.load()
+    return upright(image)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: its EXIF orientation (1-8) applied and the tag removed
+    (``PIL.ImageOps.exif_transpose``). An unreadable EXIF block is ignored, as viewers ignore it."""
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except (ValueError, TypeError, KeyError, IndexError, SyntaxError, struct.error):
+        pass
     return image
 
 
@@ -229,24 +252,47 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
-def validate_images(records, image_column: str) -> tuple[list[int], list[tuple[int, int]], list[str]]:
-    """Decode every image once: (good indices, their (width, height), names of the bad ones)."""
-    good, sizes, bad = [], [], []
+def validate_images(records, image_column: str, dist=None,
+                    run: int = CHECK_RUN) -> tuple[list[int], list[tuple[int, int]], list[str]]:
+    """Decode every image once: (good indices, their upright (width, height), names of the bad ones).
+
+    Split across the processes of ``dist`` (an ``Accelerator``/``PartialState``; None = this process does
+    all) as the latent cache splits its shards: the records in runs of ``run``, process r of W decodes runs
+    r, r + W, r + 2W, … Every process gets the whole result; an error on any process is raised on all.
+    """
+    dist = dist or SingleProcess()
     column = records.select_columns([image_column])
-    for i, row in enumerate(tqdm(column, desc="checking images", leave=False)):
-        try:
-            image = decode_image(row[image_column])
-            good.append(i)
-            sizes.append(image.size)
-        except DECODE_ERRORS:
-            bad.append(image_name(row[image_column], i))
-    if bad:
+    starts = range(0, len(records), run)[dist.process_index::dist.num_processes]
+    mine = sum(min(run, len(records) - s) for s in starts)
+
+    def check_mine() -> list[tuple[int, list[int], list[tuple[int, int]], list[str]]]:
+        with tqdm(total=mine, desc="checking images", leave=False, disable=not dist.is_main_process) as bar:
+            return [_check_run(column, image_column, range(s, min(s + run, len(records))), bar) for s in starts]
+
+    runs = sorted(run for runs in gather_from_everyone(dist, check_mine) for run in runs)  # in record order
+    good = [i for _, run_good, _, _ in runs for i in run_good]
+    sizes = [size for _, _, run_sizes, _ in runs for size in run_sizes]
+    bad = [name for *_, run_bad in runs for name in run_bad]
+    if bad and dist.is_main_process:
         shown = ", ".join(bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
         logger.warning("skipped %d corrupt or unreadable image(s) of %d: %s", len(bad), len(good) + len(bad), shown)
     if not good:
         raise DataError(f"no readable images in the {len(bad)} examples of column {image_column!r}"
                         + (f" (e.g. {', '.join(bad[:3])})" if bad else ""))
     return good, sizes, bad
+
+
+def _check_run(column, image_column: str, indices: range, bar) -> tuple[int, list, list, list]:
+    """(first index, good indices, their sizes, bad names) of the records ``indices`` (a contiguous run)."""
+    good, sizes, bad = [], [], []
+    for i, row in zip(indices, column.select(indices)):
+        try:
+            sizes.append(decode_image(row[image_column]).size)
+            good.append(i)
+        except DECODE_ERRORS:
+            bad.append(image_name(row[image_column], i))
+        bar.update()
+    return indices.start, good, sizes, bad
 
 
 class ImageCaptionDataset(Dataset):
@@ -256,15 +302,34 @@ class ImageCaptionDataset(Dataset):
     the valid examples), ``seed`` (the example's seed, for every random draw made with it).
     """
 
-    def __init__(self, data: DataConfig, need_captions: bool = True, records=None):
+    def __init__(self, data: DataConfig, need_captions: bool = True, records=None, check: bool = True):
         self.data = data
         self.records = records if records is not None else load_records(data, streaming=False)
         if data.max_samples is not None:
             self.records = self.records.select(range(min(data.max_samples, len(self.records))))
         if need_captions:
             check_captions(self.records, data)
-        self.valid, self.sizes, self.skipped = validate_images(self.records, data.image_column)
         self.need_captions = need_captions
+        self.valid: list[int] | None = None  # set by ``check`` or ``adopt``
+        self.sizes: list[tuple[int, int]] = []
+        self.skipped: list[str] = []
+        if check:
+            self.check()
+
+    def check(self, dist=None, run: int = CHECK_RUN) -> None:
+        """Decode every image once (``validate_images``, split across the processes of ``dist``)."""
+        self.adopt(*validate_images(self.records, self.data.image_column, dist, run))
+
+    def adopt(self, valid: list[int], sizes: list[tuple[int, int]], skipped: list[str]) -> None:
+        """Take the result of an image check made before (e.g. recorded in a matching latent cache)."""
+        if len(valid) != len(sizes) or (valid and not 0 <= min(valid) <= max(valid) < len(self.records)):
+            raise ValueError(f"an image check of {len(valid)} examples with {len(sizes)} sizes does not fit the "
+                             f"{len(self.records)} records of {self.data.path}")
+        self.valid, self.sizes, self.skipped = list(valid), [tuple(s) for s in sizes], list(skipped)
+
+    @property
+    def checked(self) -> bool:
+        return self.valid is not None
 
     def __len__(self) -> int:
         return len(self.valid)

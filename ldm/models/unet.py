@@ -69,6 +69,38 @@ def build_noise_scheduler(diffusion: DiffusionConfig, learned_variance: bool) ->
     )
 
 
+# lora.targets -> the peft target names (module-name suffixes) of those layers in UNet2DConditionModel
+LORA_MODULES: dict[str, tuple[str, ...]] = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),  # self- and cross-attention projections
+    "feed_forward": ("ff.net.0.proj", "ff.net.2"),  # the transformer blocks' GEGLU MLP
+    "resnet": ("conv1", "conv2", "conv_shortcut", "time_emb_proj"),  # LoCon: 3x3 convs, 1x1 shortcuts, t-proj
+    "time_embedding": ("time_embedding.linear_1", "time_embedding.linear_2"),
+}
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIPTextModel attention
+TEXT_FEED_FORWARD = ("fc1", "fc2")  # CLIPTextModel MLP (with lora.targets' feed_forward)
+
+
+def lora_modules(lora: LoRAConfig) -> tuple[str, ...]:
+    """The U-Net layers LoRA adapts: ``lora.target_modules`` when given, else the union of ``lora.targets``' sets."""
+    if lora.target_modules:
+        return tuple(lora.target_modules)
+    return tuple(dict.fromkeys(m for target in lora.targets for m in LORA_MODULES[target]))
+
+
+def text_lora_modules(lora: LoRAConfig) -> tuple[str, ...]:
+    """The text encoder's adapted layers: its attention, and its MLP too when ``lora.targets`` has feed_forward."""
+    return TEXT_LORA_TARGETS + (TEXT_FEED_FORWARD if "feed_forward" in lora.targets and not lora.target_modules
+                                else ())
+
+
+def lora_config(lora: LoRAConfig, target_modules: tuple[str, ...]):
+    """peft's ``LoraConfig``: ΔW = (alpha / rank)·B·A on ``target_modules`` (Linear and Conv2d layers alike)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, init_lora_weights="gaussian",
+                      target_modules=list(target_modules))
+
+
 def add_lora(model: torch.nn.Module, lora: LoRAConfig, target_modules: tuple[str, ...]) -> list:
     """Freeze ``model`` and attach LoRA adapters to ``target_modules``; returns the adapter weights.
 
@@ -76,19 +108,14 @@ def add_lora(model: torch.nn.Module, lora: LoRAConfig, target_modules: tuple[str
     ``add_adapter`` wrappers): transformers >= 5.24 refuses its wrapper with peft < 0.22, while peft's
     API has been stable since 0.6. ``get_peft_model_state_dict`` reads the adapters back for saving.
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
     model.requires_grad_(False)
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, init_lora_weights="gaussian",
-                        target_modules=list(target_modules))
-    inject_adapter_in_model(config, model)
+    inject_adapter_in_model(lora_config(lora, target_modules), model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"LoRA target modules {list(target_modules)} matched no layer of {type(model).__name__}")
     return params
-
-
-TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclass
@@ -153,14 +180,25 @@ def load_frozen_encoders(cfg: UNetStageConfig):
 def trainable_parameters(unet: UNet2DConditionModel, text_encoder, lora: LoRAConfig) -> list:
     """What the optimizer updates: the whole U-Net or its LoRA adapters, plus (optionally) the text encoder
     or its LoRA adapters. Everything else is frozen."""
-    params = add_lora(unet, lora, lora.target_modules) if lora.rank > 0 else list(unet.parameters())
+    params = add_lora(unet, lora, lora_modules(lora)) if lora.rank > 0 else list(unet.parameters())
     if lora.train_text_encoder:
         text_encoder.train()
         if lora.rank > 0:
-            params += add_lora(text_encoder, lora, TEXT_LORA_TARGETS)
+            params += add_lora(text_encoder, lora, text_lora_modules(lora))
         else:
             params += list(text_encoder.requires_grad_(True).parameters())
     return params
+
+
+def parameter_groups(params: list, text_encoder, lora: LoRAConfig, learning_rate: float) -> list[dict]:
+    """The optimizer's groups: the U-Net's trained weights at ``learning_rate``; the text encoder's (when it is
+    trained) at ``lora.text_encoder_learning_rate``, or at ``learning_rate`` when that is null."""
+    text = {id(p) for p in text_encoder.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in text], "lr": learning_rate}]
+    text_params = [p for p in params if id(p) in text]
+    if text_params:
+        groups.append({"params": text_params, "lr": lora.text_encoder_learning_rate or learning_rate})
+    return groups
 
 
 def make_pipeline(parts: Components, unet: UNet2DConditionModel, scheduler):
@@ -182,13 +220,20 @@ def save_pipeline(folder: Path, parts: Components, unet: UNet2DConditionModel, e
     sampler = DPMSolverMultistepScheduler.from_config(parts.scheduler.config, algorithm_type="dpmsolver++")
     pipe = make_pipeline(parts, unet, sampler)  # safetensors copies device tensors to the host itself
     if cfg.lora.rank > 0:
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        text_layers = (convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
-                       if cfg.lora.train_text_encoder else None)
-        pipe.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-                               text_encoder_lora_layers=text_layers, safe_serialization=True)
+        lora, text = cfg.lora, cfg.lora.train_text_encoder
+        # peft's own key names (lora_A / lora_B), not convert_state_dict_to_diffusers': that renames only the
+        # attention layers (lora.down / lora.up), and load_lora_weights, which tells the format by the first key
+        # alone, would then drop either those or the conv / feed-forward / time-embedding adapters. The adapters'
+        # peft config (rank, alpha, targets) goes into the file's metadata, so load_lora_weights builds exactly
+        # these adapters (without it, it would take alpha = rank)
+        pipe.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
+                               text_encoder_lora_layers=get_peft_model_state_dict(text_encoder) if text else None,
+                               safe_serialization=True,
+                               unet_lora_adapter_metadata=lora_config(lora, lora_modules(lora)).to_dict(),
+                               text_encoder_lora_adapter_metadata=(lora_config(lora, text_lora_modules(lora)).to_dict()
+                                                                   if text else None))
     else:
         pipe.save_pretrained(folder, safe_serialization=True)
         copy_open_clip(cfg.pretrained or cfg.text_encoder, folder)
