@@ -12,6 +12,11 @@ custom_pipeline="pipeline_latent_diffusion", trust_remote_code=True)`` (the ship
 
 Repo ids and branches are validated (``ldm.locations``) before anything is written. The token is never
 handled here: ``huggingface_hub`` reads ``HF_TOKEN`` or the stored login.
+
+No local path of the machine that trained the model is published: in every JSON file of the release
+(``training.json``, component configs' ``_name_or_path``, ...) and in the card, a path inside the model
+folder becomes relative to it, and any other local path becomes its last component (the folder's name);
+Hub ids are kept as they are (``public_paths``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import logging
 import re
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
@@ -102,6 +107,7 @@ def assemble_release(model: str | Path, out: str | Path | None = None, repo_id: 
             shutil.copy2(model / rel, tmp / rel)
         if is_pipeline:
             ship_pipeline_file(tmp)
+        strip_local_paths(tmp, model)
         grid = find_sample_grid(model)
         if grid is not None:
             shutil.copy2(grid, tmp / "samples.png")
@@ -125,6 +131,51 @@ def refuse_foreign_folder(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not a release folder written by `ldm push` "
                               f"({'it holds ' + ', '.join(foreign[:3]) if foreign else 'no diffusers-ldm card'}); "
                               f"move it away (nothing in it is replaced)")
+
+
+def strip_local_paths(release: Path, model: Path) -> None:
+    """Rewrite every JSON file of ``release`` whose strings hold local paths (``public_paths``); the tokenizer's
+    vocabulary files are left as they are (their strings are tokens, such as "/", not paths)."""
+    for path in sorted(release.rglob("*.json")):
+        if path.relative_to(release).as_posix() in TOKEN_FILES:
+            continue
+        data = read_json(path)
+        public = public_paths(data, model)
+        if public != data:
+            path.write_text(json.dumps(public, indent=2) + "\n")
+
+
+TOKEN_FILES = ("tokenizer/tokenizer.json", "tokenizer/vocab.json")
+WINDOWS_PATH = re.compile(r"^[A-Za-z]:[/\\]|^\\\\[^\s\\]")  # C:\x  \\host\x
+WHOLE_PATH = re.compile(r"^(?:~|\.{1,2})?/[^\s/]|" + WINDOWS_PATH.pattern)  # /x ~/x ./x ../x and Windows ones
+EMBEDDED_PATH = re.compile(r"(?:^|(?<=[\s(\[=,]))(?:(?:~|\.{1,2})?(?:/[^\s\"'()\[\],;/]+){2,}"  # from /home/me/x
+                           r"|[A-Za-z]:[/\\][^\s\"'()\[\],;]+)")  # from C:\Users\me\x
+
+
+def public_paths(value, model: Path):
+    """``value`` (parsed JSON) with every local path in its strings made public (``public_path``): whole strings
+    that are paths (even with spaces), and paths inside longer text. Other values are kept as they are."""
+    if isinstance(value, dict):
+        return {key: public_paths(item, model) for key, item in value.items()}
+    if isinstance(value, list):
+        return [public_paths(item, model) for item in value]
+    if not isinstance(value, str):
+        return value
+    if WHOLE_PATH.match(value) and "\n" not in value:
+        return public_path(value, model)
+    return EMBEDDED_PATH.sub(lambda m: public_path(m.group(), model), value)
+
+
+def public_path(path: str, model: Path) -> str:
+    """A local path as a release shows it: relative to the model folder when inside it ("." for the folder
+    itself), else its last component (the name of the folder or file, never its location)."""
+    if WINDOWS_PATH.match(path):
+        return PureWindowsPath(path).name
+    local = Path(path).expanduser().resolve()
+    try:
+        return local.relative_to(model.expanduser().resolve()).as_posix()
+    except ValueError:
+        return local.name
 
 
 def ship_pipeline_file(folder: Path) -> None:
@@ -176,13 +227,13 @@ def model_card(model: Path, repo_id: str, has_grid: bool) -> ModelCard:
     summary = read_json(model / "training.json") if (model / "training.json").exists() else {}
     metrics = {p.stem: read_json(p) for p in sorted((model / "metrics").glob("*.json"))}
     is_lora = (model / LORA_FILE).exists()
-    base_model = next(iter(hub_ids([summary.get("base_model")])), None)
+    base_model = next(iter(hub_ids([summary.get("base_model")])), None)  # before paths are cut to their names
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", license="apache-2.0",
                          tags=["text-to-image", "latent-diffusion", CARD_TAG] + (["lora"] if is_lora else []),
                          base_model=base_model, datasets=hub_ids(summary.get("datasets") or []) or None)
     return ModelCard.from_template(data, template_str=CARD_TEMPLATE, repo_id=repo_id, is_lora=is_lora,
-                                   has_grid=has_grid, summary_rows=_summary_rows(summary),
-                                   metric_rows=_metric_rows(metrics), base_model=base_model)
+                                   has_grid=has_grid, summary_rows=_summary_rows(public_paths(summary, model)),
+                                   metric_rows=_metric_rows(public_paths(metrics, model)), base_model=base_model)
 
 
 def _summary_rows(summary: dict) -> list[tuple[str, str]]:

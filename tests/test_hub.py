@@ -109,3 +109,53 @@ def test_model_card_summarises_the_validation_history_by_its_last_value():
     history = [{"step": 2, "val_loss": 0.5}, {"step": 4, "val_loss": 0.25}]
     rows = _summary_rows({"stages": [{"stage": "unet", "steps": 4, "val_loss": history}]})
     assert rows == [("unet", "steps: 4, final val_loss: 0.25")]
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_a_release_publishes_no_local_path(trained, tiny_vae_dir, tmp_path, monkeypatch):
+    """training.json, the component configs and the card name no folder of the machine that trained the model:
+    a path inside the model folder becomes relative to it, any other its last component; Hub ids stay."""
+    from ldm.hub import assemble_release
+
+    real_home, home = Path.home(), tmp_path / "home" / "alice-ldm"
+    monkeypatch.setenv("HOME", str(home))
+    summary = json.loads((trained / "training.json").read_text())
+    summary["stages"].insert(0, {"stage": "vae", "steps": 3, "data": f"{home}/photos/holiday 2026"})
+    summary["config"]["pretrained"] = "~/models/base"
+    summary |= {"base_model": "someone/base-model", "datasets": ["someone/photos"],
+                "note": f"latents from {home}/cache/latents (copied to C:\\Users\\alice-ldm\\cache)"}
+    (trained / "training.json").write_text(json.dumps(summary))
+    config = json.loads((trained / "unet" / "config.json").read_text())
+    (trained / "unet" / "config.json").write_text(json.dumps(config | {"_name_or_path": str(trained / "unet")}))
+    metrics = json.loads((trained / "metrics" / "pipeline.json").read_text())
+    (trained / "metrics" / "pipeline.json").write_text(json.dumps(metrics | {"features": f"open_clip in {home}/clip"}))
+
+    release = assemble_release(trained, tmp_path / "release", repo_id="someone/tiny-ldm")
+    texts = {p.relative_to(release).as_posix(): p.read_text() for p in release.rglob("*")
+             if p.suffix in (".json", ".md", ".py", ".txt")}
+    assert {"training.json", "README.md", "unet/config.json", "vae/config.json"} <= texts.keys()
+    for name, text in texts.items():
+        for leak in (str(tmp_path), "/tmp/", f"{real_home}/", "alice-ldm", "/home/", "C:\\", "~/"):
+            assert leak not in text, (name, leak)
+    for name in (n for n in texts if n.endswith(".json") and n not in ("tokenizer/tokenizer.json",
+                                                                        "tokenizer/vocab.json")):
+        assert not [s for s in _strings(json.loads(texts[name])) if s.startswith(("/", "~", "\\"))], name
+    published = json.loads(texts["training.json"])
+    assert published["config"]["output_dir"] == "unet" and published["config"]["vae"] == tiny_vae_dir.name
+    assert published["config"]["pretrained"] == "base" and published["stages"][0]["data"] == "holiday 2026"
+    assert published["note"] == "latents from latents (copied to cache)"
+    assert published["base_model"] == "someone/base-model" and published["datasets"] == ["someone/photos"]
+    assert published["config"]["validation"]["prompts"] == summary["config"]["validation"]["prompts"]
+    assert json.loads(texts["unet/config.json"])["_name_or_path"] == "unet"  # inside the model: relative
+    assert json.loads(texts["vae/config.json"])["_name_or_path"] == tiny_vae_dir.name
+    assert "data: holiday 2026" in texts["README.md"] and "open_clip in clip" in texts["README.md"]
+    assert "base_model: someone/base-model" in texts["README.md"]
+    assert (release / "tokenizer" / "tokenizer.json").read_bytes() == (trained / "tokenizer" /
+                                                                       "tokenizer.json").read_bytes()
