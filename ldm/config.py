@@ -425,6 +425,24 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class AlignConfig:
+    """Representation alignment (REPA, Yu et al. 2024): λ·L_REPA pulls a projection of the U-Net's
+    middle-block features towards a frozen image encoder's patch features of the clean image
+    (``ldm.models.alignment``), for the first ``steps`` optimizer steps (HASTE)."""
+
+    weight: float = 0.0  # λ; 0 = off
+    steps: int | None = None  # align for the first `steps` optimizer steps only; null = the whole run
+    encoder: str | None = None  # open_clip folder or MODEL:WEIGHTS; null = the stage-0 CLIP beside text_encoder
+    projector_width: int = 256
+
+    def __post_init__(self):
+        _number("align.weight", self.weight, 0)
+        _at_least("align.steps", self.steps, 1, nullable=True)
+        _at_least("align.projector_width", self.projector_width, 1)
+        _check(self.encoder is None or bool(self.encoder.strip()), "align.encoder", "must be a folder or null")
+
+
+@dataclass(frozen=True)
 class DreamBoothConfig:
     """DreamBooth (Ruiz et al. 2023): a few instance images under one identifier prompt, with prior preservation
     on class images the base pipeline generates for the class prompt (``ldm.dreambooth``). Off while
@@ -508,6 +526,7 @@ class UNetStageConfig:
     cache: CacheConfig = CacheConfig()
     push: PushConfig = PushConfig()
     dreambooth: DreamBoothConfig = DreamBoothConfig()
+    align: AlignConfig = AlignConfig()
 
     def __post_init__(self):
         _check_output_dir(self.output_dir, self.data, {"pretrained": self.pretrained, "vae": self.vae,
@@ -524,6 +543,9 @@ class UNetStageConfig:
         for key in ("pretrained", "vae", "text_encoder"):
             value = getattr(self, key)
             _check(value is None or bool(value.strip()), key, "must be a folder, a Hub id or null")
+        _check(not self.align.weight or (not self.data.streaming and self.dreambooth.instance_data is None),
+               "align.weight", "> 0 needs an image folder the targets are computed for once, before training: "
+               "not data.streaming and not dreambooth (or align.weight=0)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -70,6 +70,21 @@ def tiny_text_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_open_clip_dir(tmp_path_factory):
+    """A random open_clip CLIP folder as stage 0 saves it (16 px images, 8 px patches: a 2x2 patch grid)."""
+    import torch
+
+    from ldm.config import CLIPModelConfig
+    from ldm.models.text import build_open_clip, open_clip_config, save_open_clip
+
+    config = open_clip_config(CLIPModelConfig(embed_dim=16, vision_layers=1, vision_width=32, vision_heads=2,
+                                              vision_patch_size=8, text_context_length=16, text_width=32,
+                                              text_heads=2, text_layers=1), 16)
+    torch.manual_seed(0)
+    return save_open_clip(tmp_path_factory.mktemp("tiny_clip") / "open_clip", build_open_clip(config), config)
+
+
 @pytest.fixture
 def unet_overrides(shapes16, tiny_vae_dir, tiny_text_dir, tmp_path):
     """`--set` overrides for a seconds-long stage-2 run on the tiny components."""

@@ -60,17 +60,19 @@ def _assert_same_checkpoint(a: Path, b: Path, names):
     assert ta["data_digest"] == tb["data_digest"] and ta["batches"] == tb["batches"]  # same samples, same order
 
 
-def test_unet_resume_after_sigkill_is_exact(unet_overrides, tmp_path):
+def test_unet_resume_after_sigkill_is_exact(unet_overrides, tiny_open_clip_dir, tmp_path):
     base = [o for o in unet_overrides if not o.startswith(("output_dir", "train.max_steps", "train.checkpoint"))]
     base += ["train.max_steps=24", "train.checkpoint_every=4", "train.grad_accum_steps=2",
-             "diffusion.offset_noise=0.1", "model.pooled_text=true"]
+             "diffusion.offset_noise=0.1", "model.pooled_text=true",  # and alignment, off after step 12:
+             "align.weight=0.5", "align.steps=12", f"align.encoder={tiny_open_clip_dir}"]
     _run("unet", base + [f"output_dir={tmp_path / 'straight'}"])
     left = _run_and_kill_after_checkpoint("unet", base + [f"output_dir={tmp_path / 'killed'}"],
                                           tmp_path / "killed", step=8)
     assert left and left[-1].name != "checkpoint-24"
     _run("unet", base + [f"output_dir={tmp_path / 'killed'}"])  # continues from the latest checkpoint
     _assert_same_checkpoint(tmp_path / "straight" / "checkpoint-24", tmp_path / "killed" / "checkpoint-24",
-                            ["model-unet.safetensors", "ema-unet.safetensors", "optim-unet.safetensors"])
+                            ["model-unet.safetensors", "ema-unet.safetensors", "optim-unet.safetensors",
+                             "model-align.safetensors"])
 
 
 def test_vae_resume_after_sigkill_with_discriminator_and_accumulation(shapes16, tmp_path):

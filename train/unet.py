@@ -38,6 +38,7 @@ from ldm.ema import EMA, SNAPSHOTS, PowerEMA
 from ldm.entry import stage_entry
 from ldm.evaluation.heldout import encode_heldout, heldout_data_config, heldout_loss
 from ldm.losses import diffusion as D
+from ldm.models.alignment import attach_targets, build_aligner
 from ldm.models.text import encode_prompts
 from ldm.models.unet import (load_components, parameter_groups, save_pipeline, trainable_parameters,
                              vae_scale_factor)
@@ -64,6 +65,9 @@ def main(cfg: UNetStageConfig) -> Path:
     dreambooth.prepare_class_images(cfg, parts, device, accelerator)  # from the base model; main decides
     accelerator.wait_for_everyone()
     params = trainable_parameters(unet, text_encoder, cfg.lora)
+    aligner, image_encoder = build_aligner(cfg, unet)  # (None, None) unless align.weight > 0
+    if aligner is not None:
+        params += list(aligner.projector.parameters())
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
     groups = parameter_groups(params, text_encoder, cfg.lora, train.learning_rate)  # + the text encoder's own rate
@@ -73,6 +77,8 @@ def main(cfg: UNetStageConfig) -> Path:
     models = {"unet": unet}
     if cfg.lora.train_text_encoder:
         models["text_encoder"] = text_encoder
+    if aligner is not None:
+        models["align"] = aligner.projector.to(device)  # trained and checkpointed with the U-Net, never shipped
     prepared = accelerator.prepare(*models.values(), optimizer)
     models, optimizer = dict(zip(models, prepared[:-1])), prepared[-1]
     unet = models["unet"]
@@ -88,7 +94,9 @@ def main(cfg: UNetStageConfig) -> Path:
     if phema is not None and accelerator.is_main_process:
         phema.drop_snapshots_after(state.step)
     heldout = heldout_set(cfg, parts, text_encoder) if cfg.validation.data and accelerator.is_main_process else None
-    batches, source = training_batches(accelerator, cfg, state.batches, parts)
+    batches, source, dataset = training_batches(accelerator, cfg, state.batches, parts)
+    if aligner is not None:
+        attach_targets(aligner, image_encoder, dataset, Path(cfg.output_dir), accelerator)
     logger.info("U-Net %.2fM parameters, %.2fM trained; data: %s", _millions(raw_unet.parameters()),
                 _millions(params), source)
     empty_text = encode_prompts(text_encoder, tokenizer, [""])[0]  # c_∅ (L, D)
@@ -103,9 +111,11 @@ def main(cfg: UNetStageConfig) -> Path:
             state.batches += 1
             state.see(batch["seed"])
             with gradient_sync(accelerator, list(models.values()), sync=micro == train.grad_accum_steps - 1):
-                with accelerator.autocast():
+                with accelerator.autocast(), aligning(aligner, state.step, raw_unet):
                     loss = training_loss(unet, batch, vae, text_encoder, tokenizer, empty_text, alphas_cumprod,
                                          cfg.diffusion, scheduler.config, cfg.dreambooth.prior_loss_weight)
+                    if aligner is not None and aligner.active(state.step):
+                        loss = loss + aligner.loss(batch, models["align"])  # + λ·L_REPA
                 accelerator.backward(loss / train.grad_accum_steps)
             total += loss.detach() / train.grad_accum_steps
         norm = apply_update(accelerator, state, optimizer, lr_scheduler, params, total, train)
@@ -211,16 +221,17 @@ def validation_loss(cfg: UNetStageConfig, heldout, unet, ema, alphas_cumprod, sc
 
 
 def training_batches(accelerator, cfg: UNetStageConfig, start: int, parts):
-    """An endless iterator of this process's micro-batches from global batch ``start`` on, and its description."""
+    """An endless iterator of this process's micro-batches from global batch ``start`` on, its description, and
+    the image dataset it reads (None for streamed data and DreamBooth)."""
     train, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
     if cfg.dreambooth.instance_data is not None:
         check_buckets(cfg, parts)
-        return dreambooth.training_batches(accelerator, cfg, start)
+        return *dreambooth.training_batches(accelerator, cfg, start), None
     loader = dict(num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
     if cfg.data.streaming:
         stream = StreamingImageCaptions(cfg.data, train.seed, rank, world, train.batch_size, start_batches=start)
         return iter(DataLoader(stream, batch_size=train.batch_size, collate_fn=collate, **loader)), \
-            "streamed, encoded every step"
+            "streamed, encoded every step", None
     dataset = ImageCaptionDataset(cfg.data, check=False)  # images checked below: split, or not at all
     check_buckets(cfg, parts)
     data, collate_fn = training_data(accelerator, cfg, dataset, parts)
@@ -228,7 +239,12 @@ def training_batches(accelerator, cfg: UNetStageConfig, start: int, parts):
     cached = data is not dataset
     return iter(DataLoader(data, batch_sampler=sampler, collate_fn=collate_fn, **loader)), \
         f"{len(dataset)} examples in {len(dataset.groups())} bucket(s), " + \
-        ("cached latents and text states" if cached else "encoded every step")
+        ("cached latents and text states" if cached else "encoded every step"), dataset
+
+
+def aligning(aligner, step: int, unet):
+    """Capture the U-Net's middle-block features while representation alignment is on (else nothing)."""
+    return aligner.capture(unet) if aligner is not None and aligner.active(step) else contextlib.nullcontext()
 
 
 def check_buckets(cfg: UNetStageConfig, parts) -> None:
