@@ -6,16 +6,20 @@ Heavy imports happen inside the commands, so ``ldm --help`` is instant.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
-import sys
 from pathlib import Path
 
+from ldm.arguments import (POSITIVE, SEED, SIGMA_REL, ArgumentValueError, clip_spec, heldout, number, override, text,
+                           whole)
 from ldm.entry import add_config_args, load_stage_config
-from ldm.errors import UserError
-from ldm.locations import LocationError, check_empty_or_new, check_writable, local_or_hub
+from ldm.errors import run_reporting_bad_input
+from ldm.locations import (LocationError, check_apart, check_can_create, check_empty_or_new, check_ours_or_new,
+                           local_or_hub, model_location)
 
+SAMPLERS = ("ddim", "ddpm", "euler", "dpm++", "unipc")  # = ldm.sampling.SCHEDULERS (kept here: no torch import)
+MAX_SIZE = 2048  # ldm data --size: the largest images the built-in datasets are written at
+DIGITS = 1797  # scikit-learn's handwritten digits (ldm data digits --num)
 STAGES = {  # ldm train <name> -> (module in train/, config class in ldm.config)
     "vae": ("train.vae", "VAEStageConfig"),
     "text-encoder": ("train.text_encoder", "TextEncoderStageConfig"),
@@ -29,7 +33,12 @@ STAGES = {  # ldm train <name> -> (module in train/, config class in ldm.config)
 def cmd_data(args) -> None:
     from ldm.checkpoint import atomic_folder
 
-    out = check_empty_or_new(args.out, "--out")
+    low, high = (16, MAX_SIZE) if args.dataset == "shapes" else (8, MAX_SIZE)
+    if not low <= args.size <= high:
+        raise ArgumentValueError(f"--size {args.size}: {args.dataset} images must be {low} to {high} pixels")
+    if args.dataset == "digits" and args.num is not None and args.num > DIGITS:
+        raise ArgumentValueError(f"--num {args.num}: scikit-learn ships {DIGITS} digits; choose 1 to {DIGITS}")
+    out = check_can_create(check_empty_or_new(args.out, "--out"), "--out")
     with atomic_folder(out) as tmp:  # written beside --out and renamed: a killed run leaves no half dataset
         if args.dataset == "digits":
             from ldm.data.digits import write_digits_dataset
@@ -68,6 +77,8 @@ def cmd_cache(args) -> None:
         from ldm.data.cached import check_cache, read_manifest
         from ldm.data.shards import REBUILD, DamagedCacheError
 
+        if not Path(args.dir).is_dir():
+            raise FileNotFoundError(f"--dir {args.dir}: this folder does not exist (pass cache.dir of a built cache)")
         manifest = read_manifest(Path(args.dir))
         problems = check_cache(Path(args.dir), manifest, full=True)
         if problems:
@@ -86,6 +97,7 @@ def cmd_cache(args) -> None:
 def cmd_sample(args) -> None:
     from ldm.sampling import sample_to_files
 
+    check_apart(args.out, "--out", args.model, "--model")
     paths = sample_to_files(args.model, args.prompt, negative_prompt=args.negative_prompt,
                             num_images=args.num_images, steps=args.steps, guidance=args.guidance,
                             seed=args.seed, out=args.out, scheduler=args.scheduler, singles=args.singles)
@@ -93,14 +105,38 @@ def cmd_sample(args) -> None:
         print(path)
 
 
+EVAL_MARKERS = {"vae": ("config.json", "vae/config.json"), "text-encoder": ("open_clip/open_clip_config.json",),
+                "pipeline": ("model_index.json", "pytorch_lora_weights.safetensors")}
+EVAL_MIN_NUM = {"vae": 1, "text-encoder": 2, "pipeline": 4}  # retrieval needs 2 pairs; FD and KID 2 per half
+
+
+def check_eval_args(args) -> Path:
+    """Everything ``ldm eval`` can check before it loads a model; returns the metrics file to write."""
+    if args.num is not None and args.num < EVAL_MIN_NUM[args.kind]:
+        raise ArgumentValueError(f"--num {args.num}: ldm eval {args.kind} needs at least {EVAL_MIN_NUM[args.kind]} "
+                                 f"examples")
+    model = local_or_hub(args.model, "--model")
+    if isinstance(model, Path) and not any((model / m).is_file() for m in EVAL_MARKERS[args.kind]):
+        markers = " or ".join(EVAL_MARKERS[args.kind])
+        raise FileNotFoundError(f"--model {args.model} is not a {args.kind} folder (no {markers}); pass the folder a "
+                                f"stage saved (<output_dir>/final)")
+    if not isinstance(model, Path) and (args.out is None or args.kind == "text-encoder"):
+        raise LocationError(f"--model {args.model} is a Hub id: " + (
+            "ldm eval text-encoder reads a local stage-0 folder (<output_dir>/final)" if args.kind == "text-encoder"
+            else f"pass --out FILE.json for the metrics (the default is <model folder>/metrics/{args.kind}.json)"))
+    local_or_hub(args.data, "--data")
+    out = Path(args.out or model / "metrics" / f"{args.kind}.json").expanduser()
+    if out.is_dir() or out.suffix.lower() != ".json":
+        raise LocationError(f"--out {args.out} must be a file name ending in .json (an existing file of that name is "
+                            f"replaced)")
+    check_apart(out, "--out", args.data, "--data")
+    return check_can_create(out, "--out")
+
+
 def cmd_eval(args) -> None:
     from ldm.config import DataConfig
 
-    if args.out is None and not isinstance(local_or_hub(args.model, "--model"), Path):
-        raise LocationError(f"--model {args.model} is a Hub id: pass --out FILE.json for the metrics (the default "
-                            f"is <model folder>/metrics/{args.kind}.json)")
-    check_writable(Path(args.out).parent if args.out else Path(args.model) / "metrics", "--out folder",
-                   "pass --out FILE.json in a folder you can write to")
+    out = check_eval_args(args)
     data = DataConfig(path=args.data, split=args.split, image_column=args.image_column,
                       caption_column=args.caption_column, resolution=args.resolution or 32)
     if args.kind == "vae":
@@ -118,7 +154,6 @@ def cmd_eval(args) -> None:
     if args.kind == "pipeline":
         from ldm.evaluation.pipeline import summary_lines
         print("\n".join(summary_lines(metrics)))
-    out = Path(args.out or Path(args.model) / "metrics" / f"{args.kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out}")
@@ -138,10 +173,15 @@ def cmd_demo(args) -> None:
 
 
 def cmd_ema(args) -> None:
-    from ldm.ema import sweep_sigma_rel, write_posthoc_pipeline
+    from ldm.ema import check_posthoc_args, sweep_sigma_rel, write_posthoc_pipeline
 
     if args.sigma_rel is None and not args.sweep:
-        raise SystemExit("error: ldm ema needs --sigma-rel X (write that pipeline) or --sweep X Y ... (compare them)")
+        raise ArgumentValueError("ldm ema needs --sigma-rel X (write that pipeline) or --sweep X Y ... (compare them)")
+    for key, value in (("--out", args.out), ("--data", args.data), ("--num", args.num)):
+        needs = "--sigma-rel" if key == "--out" else "--sweep"
+        if value is not None and getattr(args, needs[2:].replace("-", "_")) in (None, []):
+            raise ArgumentValueError(f"{key} {value} is used with {needs} only; add {needs} or leave {key} out")
+    out = check_posthoc_args(args.model, args.sigma_rel, args.out, args.data)
     if args.sweep:
         rows = sweep_sigma_rel(args.model, args.sweep, data=args.data, num=args.num)
         print("sigma_rel  val_loss  profile_fit_error")
@@ -150,7 +190,7 @@ def cmd_ema(args) -> None:
             fit = "" if row["profile_fit_error"] is None else f"{row['profile_fit_error']:.1e}"
             print(f"{label:>9}  {row['val_loss']:.6f}  {fit}")
     if args.sigma_rel is not None:
-        print(write_posthoc_pipeline(args.model, args.sigma_rel, args.out))
+        print(write_posthoc_pipeline(args.model, args.sigma_rel, out))
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,10 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="write a built-in dataset: synthetic shapes, or real handwritten digits")
     data.add_argument("dataset", choices=["shapes", "digits"],
                       help="shapes: generated here; digits: scikit-learn's 1,797 scans (pip install -e \".[real]\")")
-    data.add_argument("--out", required=True)
-    data.add_argument("--num", type=int, default=None, help="images (shapes: default 2000; digits: default all)")
-    data.add_argument("--size", type=int, default=32)
-    data.add_argument("--seed", type=int, default=0, help="shapes only")
+    data.add_argument("--out", required=True, help="a new or empty folder")
+    data.add_argument("--num", type=POSITIVE, default=None,
+                      help=f"images (shapes: default 2000; digits: 1 to {DIGITS}, default all)")
+    data.add_argument("--size", type=POSITIVE, default=32, help=f"pixels (shapes: 16 to {MAX_SIZE}; digits: 8 to "
+                      f"{MAX_SIZE})")
+    data.add_argument("--seed", type=SEED, default=0, help="shapes only")
     data.set_defaults(func=cmd_data)
 
     train = sub.add_parser("train", help="train a stage (same as accelerate launch -m train.<stage>), or all")
@@ -182,23 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     build = actions.add_parser("build", help="encode the data of a stage-2 config into cache.dir; under torchrun "
                                "or accelerate launch every process encodes its share")
     build.add_argument("--config", required=True, help="the stage-2 YAML that will train from the cache")
-    build.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    build.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=override,
                        help="override a config key, e.g. --set cache.dir=/shared/cache (repeatable)")
     build.set_defaults(func=cmd_cache, resume=None)
     verify = actions.add_parser("verify", help="check every shard of a cache against its manifest (sha256)")
-    verify.add_argument("--dir", required=True, help="the cache folder (cache.dir)")
+    verify.add_argument("--dir", type=text, required=True, help="the cache folder (cache.dir)")
     verify.set_defaults(func=cmd_cache)
 
     sample = sub.add_parser("sample", help="generate a PNG grid from a saved pipeline")
     sample.add_argument("--model", required=True, help="pipeline folder or Hub id")
     sample.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     sample.add_argument("--negative-prompt", default=None)
-    sample.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    sample.add_argument("--steps", type=int, default=25)
-    sample.add_argument("--guidance", type=float, default=5.0)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--scheduler", default=None, help="ddim | ddpm | euler | dpm++ | unipc (default: saved)")
-    sample.add_argument("--out", default="samples.png")
+    sample.add_argument("--num-images", type=whole(1, 1024), default=4, help="images per prompt (1 to 1024)")
+    sample.add_argument("--steps", type=POSITIVE, default=25,
+                        help="sampling steps: 1 to what the sampler can take on the model's schedule (checked)")
+    sample.add_argument("--guidance", type=number(0), default=5.0, help="classifier-free guidance scale, >= 0 "
+                        "(<= 1: none)")
+    sample.add_argument("--seed", type=SEED, default=0)
+    sample.add_argument("--scheduler", default=None, choices=SAMPLERS, help="default: the saved one")
+    sample.add_argument("--out", default="samples.png", help="a .png, .jpg or .webp file outside --model")
     sample.add_argument("--singles", action="store_true", help="also write each image on its own")
     sample.set_defaults(func=cmd_sample)
 
@@ -206,90 +250,82 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("kind", choices=["vae", "text-encoder", "pipeline"])
     ev.add_argument("--model", required=True)
     ev.add_argument("--data", required=True, help="imagefolder or dataset name (held-out data)")
-    ev.add_argument("--split", default="train")
-    ev.add_argument("--image-column", default="image")
-    ev.add_argument("--caption-column", default="text")
-    ev.add_argument("--resolution", type=int, default=None, help="default: the model's training resolution")
-    ev.add_argument("--num", type=int, default=None, help="examples to use (default: a kind-specific number)")
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--steps", type=int, default=20, help="pipeline: sampling steps")
-    ev.add_argument("--guidance", type=float, default=5.0, help="pipeline: guidance scale")
-    ev.add_argument("--scheduler", default="dpm++", help="pipeline: sampler")
-    ev.add_argument("--clip", default=None, metavar="MODEL_NAME:PRETRAINED_PATH",
+    ev.add_argument("--split", type=text, default="train")
+    ev.add_argument("--image-column", type=text, default="image")
+    ev.add_argument("--caption-column", type=text, default="text")
+    ev.add_argument("--resolution", type=POSITIVE, default=None, help="default: the model's training resolution")
+    ev.add_argument("--num", type=POSITIVE, default=None, help="examples to use (default: a kind-specific number; "
+                    "at least 2 for text-encoder, 4 for pipeline)")
+    ev.add_argument("--batch-size", type=POSITIVE, default=64)
+    ev.add_argument("--seed", type=SEED, default=0)
+    ev.add_argument("--steps", type=POSITIVE, default=20, help="pipeline: sampling steps (checked as ldm sample's)")
+    ev.add_argument("--guidance", type=number(0), default=5.0, help="pipeline: guidance scale, >= 0")
+    ev.add_argument("--scheduler", default="dpm++", choices=SAMPLERS, help="pipeline: sampler")
+    ev.add_argument("--clip", type=clip_spec, default=None, metavar="MODEL_NAME:PRETRAINED_PATH",
                     help="pipeline: open_clip model for FD/KID/CLIP score (default: the pipeline's stage-0 CLIP)")
-    ev.add_argument("--out", default=None, help="JSON path (default: <model>/metrics/<kind>.json)")
+    ev.add_argument("--out", default=None, help="a .json file outside --data (default: <model>/metrics/<kind>.json)")
     ev.set_defaults(func=cmd_eval)
 
     push = sub.add_parser("push", help="publish a pipeline folder to the Hugging Face Hub")
-    push.add_argument("--model", required=True)
-    push.add_argument("--repo-id", required=True)
+    push.add_argument("--model", type=text, required=True)
+    push.add_argument("--repo-id", type=text, required=True)
     push.add_argument("--private", action="store_true")
     push.add_argument("--revision", default=None, help="branch to push to")
     push.add_argument("--dry-run", action="store_true", help="assemble and list the release folder only")
     push.set_defaults(func=cmd_push)
 
     demo = sub.add_parser("demo", help="the whole chain on the built-in shapes data (CPU-sized)")
-    demo.add_argument("--out", default="demo")
+    demo.add_argument("--out", default="demo", help="a new or empty folder, or an earlier demo's to continue it")
     demo.add_argument("--quick", action="store_true",
                       help="a 2-minute smoke run of the same chain (tiny data, 2 steps per stage)")
-    demo.add_argument("--seed", type=int, default=0, help="train.seed of every stage (the data stay the same)")
+    demo.add_argument("--seed", type=SEED, default=0, help="train.seed of every stage (the data stay the same)")
     demo.set_defaults(func=cmd_demo)
 
     ema = sub.add_parser("ema", help="post-hoc EMA: rebuild any EMA length from a stage-2 run's snapshots")
     ema.add_argument("--model", required=True, help="the stage-2 output_dir (with final/ and ema-snapshots/)")
-    ema.add_argument("--sigma-rel", type=float, default=None,
-                     help="EMA length relative to training time (EDM2 σ_rel, e.g. 0.05-0.15): write that pipeline")
-    ema.add_argument("--out", default=None, help="pipeline folder to write (default: <model>/posthoc-ema-<σ_rel>)")
-    ema.add_argument("--sweep", type=float, nargs="+", default=None, metavar="SIGMA_REL",
+    ema.add_argument("--sigma-rel", type=SIGMA_REL, default=None, help="EMA length relative to training time (EDM2 "
+                     "σ_rel in (0, 0.2887), e.g. 0.05-0.15): write that pipeline")
+    ema.add_argument("--out", default=None, help="pipeline folder to write: new, empty or an earlier ldm ema output "
+                     "(default: <model>/posthoc-ema-<σ_rel>)")
+    ema.add_argument("--sweep", type=SIGMA_REL, nargs="+", default=None, metavar="SIGMA_REL",
                      help="print the held-out validation loss of each σ_rel (and of final/) to choose one")
     ema.add_argument("--data", default=None, help="held-out data for --sweep (default: the run's validation.data)")
-    ema.add_argument("--num", type=int, default=None, help="held-out examples for --sweep (default: as trained)")
+    ema.add_argument("--num", type=POSITIVE, default=None, help="held-out examples for --sweep (default: as trained)")
     ema.set_defaults(func=cmd_ema)
     return parser
 
 
 def add_train_all_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="your imagefolder with metadata.jsonl (or a dataset name); "
-                        "only read: the split is written to OUT/data")
-    parser.add_argument("--out", required=True, help="everything goes here; rerun to continue")
+    parser.add_argument("--data", type=text, required=True, help="your imagefolder with metadata.jsonl (or a "
+                        "dataset name); only read: the split is written to OUT/data")
+    parser.add_argument("--out", type=text, required=True, help="everything goes here: a new or empty folder, or "
+                        "an earlier run's to continue it")
     parser.add_argument("--preset", default="cpu", choices=["cpu", "gpu-256", "gpu-512"],
                         help="stage configs from configs/presets/<preset>/")
     parser.add_argument("--text-encoder", default="train", metavar="train|PATH_OR_HUB_ID",
                         help="train stage 0 (default) or use this pretrained CLIPTextModel folder / Hub id")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                        type=override,
                         help="override a key of one stage, e.g. --set vae.train.max_steps=100 (repeatable)")
-    parser.add_argument("--heldout", type=float, default=0.15,
+    parser.add_argument("--heldout", type=heldout, default=0.15,
                         help="held-out pairs: a fraction (below 1, at most 1,000 pairs) or a count (default 0.15)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-    parser.add_argument("--clip", default=None, metavar="MODEL_NAME:PRETRAINED_PATH",
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the held-out split")
+    parser.add_argument("--clip", type=clip_spec, default=None, metavar="MODEL_NAME:PRETRAINED_PATH",
                         help="open_clip model for FD/KID/CLIP score (default: the stage-0 CLIP)")
-    parser.add_argument("--eval-images", type=int, default=None,
-                        help="held-out pairs the metrics use (default all, at most 1,000)")
-    parser.add_argument("--caption-column", default="text")
-    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--eval-images", type=whole(4), default=None,
+                        help="held-out pairs the metrics use, at least 4 (default all, at most 1,000)")
+    parser.add_argument("--caption-column", type=text, default="text")
+    parser.add_argument("--image-column", type=text, default="image")
     parser.set_defaults(func=cmd_train_all)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run a command; bad input (a ``UserError``, a missing, existing or unwritable path) exits with its
-    message alone, status 2; anything else keeps its traceback."""
+    """Run a command. A bad argument stops it while parsing (argparse's ``ldm <command>: error: argument ...``);
+    bad input found later (a ``UserError``, a missing, existing or unwritable path) exits with ``error: <message>``
+    on one line; both with status 2 and before any work. Anything else keeps its traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except Exception as err:
-        if not is_bad_input(err):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-
-
-def is_bad_input(err: BaseException) -> bool:
-    """Errors whose message is the whole story: bad input, or a path that is missing, taken or unwritable."""
-    return isinstance(err, (UserError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-                            NotADirectoryError)) or (
-        isinstance(err, OSError) and err.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT))
+    run_reporting_bad_input(args.func, args)
 
 
 if __name__ == "__main__":

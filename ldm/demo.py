@@ -51,10 +51,11 @@ def run_demo(out: str | Path = "demo", quick: bool = False, seed: int = 0) -> di
     """
     import torch
 
-    from ldm.recipe import stage_configs, train_chain
+    from ldm.locations import check_ours_or_new
+    from ldm.recipe import RECIPE_WRITES, stage_configs, train_chain
 
     start, sizes = time.time(), QUICK if quick else FULL
-    out = Path(out)
+    out = check_ours_or_new(out, "--out", is_demo_folder, RECIPE_WRITES, "ldm demo")  # same folders as train all
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     logger.info("ldm demo: seed %d, %d torch thread(s) for stage 2 and evaluation", seed, threads)
@@ -74,6 +75,11 @@ def run_demo(out: str | Path = "demo", quick: bool = False, seed: int = 0) -> di
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report(out, train_dir, heldout, vae, text, pipeline, grid, metrics)
     return metrics
+
+
+def is_demo_folder(out: Path) -> bool:
+    """True for an OUT that ``ldm demo`` started before: its training shapes are there."""
+    return (out / "data" / "shapes" / "metadata.jsonl").is_file()
 
 
 def make_data(out: Path, sizes: dict) -> tuple[Path, Path]:

@@ -265,28 +265,63 @@ def reconstruct(folder: str | Path, sigma_rels: list[float], step: int | None = 
     return [{k: v.float() for k, v in acc.items()} for acc in sums], t_out, error
 
 
+def is_posthoc_folder(folder: Path) -> bool:
+    """True for a folder ``write_posthoc_pipeline`` wrote: a pipeline whose training.json records ``posthoc_ema``."""
+    try:
+        return (folder / "model_index.json").is_file() and "posthoc_ema" in json.loads(
+            (folder / "training.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_posthoc_args(model_dir: str | Path, sigma_rel: float | None = None, out: str | Path | None = None,
+                       data: str | None = None) -> Path | None:
+    """Every check of ``ldm ema`` that needs no weights; returns the folder it will write (None without ``sigma_rel``).
+
+    ``out`` is new, empty or an earlier ``ldm ema`` output (never someone's files), and outside the run's
+    ``final/`` and ``ema-snapshots/``, which it reads.
+    """
+    from ldm.locations import check_apart, check_ours_or_new, local_or_hub
+
+    model_dir = Path(model_dir).expanduser()
+    local_or_hub(str(model_dir), "--model")  # a missing folder is said as such
+    final = model_dir / "final"
+    if not (final / "unet").is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: {final}/unet not found; --model must be a finished stage-2 "
+                                f"output_dir (full U-Net; LoRA runs have no post-hoc EMA)")
+    if not any((model_dir / SNAPSHOTS).glob("step-*.safetensors")):
+        raise FileNotFoundError(f"--model {model_dir}: no EMA snapshots in {model_dir / SNAPSHOTS}; train with "
+                                f"ema.posthoc_sigma_rels set (e.g. [0.05, 0.10])")
+    if data is not None:
+        local_or_hub(data, "--data")
+    if sigma_rel is None:
+        return None
+    out = Path(out).expanduser() if out else model_dir / f"posthoc-ema-{sigma_rel:.3f}"
+    for source in (final, model_dir / SNAPSHOTS):
+        check_apart(out, "--out", source, f"the run's {source.name}/")
+    return check_ours_or_new(out, "--out", is_posthoc_folder, None, "ldm ema")
+
+
 def write_posthoc_pipeline(model_dir: str | Path, sigma_rel: float, out: str | Path | None = None) -> Path:
-    """``<model_dir>/final`` with its U-Net replaced by the post-hoc EMA of ``sigma_rel``, at ``out``."""
+    """``<model_dir>/final`` with its U-Net replaced by the post-hoc EMA of ``sigma_rel``, at ``out``.
+
+    ``out`` (default ``<model_dir>/posthoc-ema-<σ_rel>``) is replaced only when an earlier call wrote it."""
     from diffusers import UNet2DConditionModel
 
     from ldm.checkpoint import atomic_folder
 
-    model_dir, final = Path(model_dir), Path(model_dir) / "final"
-    if not (final / "unet").is_dir():
-        raise FileNotFoundError(f"{final}/unet not found: --model must be a finished stage-2 output_dir "
-                                f"(full U-Net; LoRA runs have no post-hoc EMA)")
+    out = check_posthoc_args(model_dir, sigma_rel, out)
+    model_dir, final = Path(model_dir).expanduser(), Path(model_dir).expanduser() / "final"
     (weights,), step, error = reconstruct(model_dir / SNAPSHOTS, [sigma_rel])
-    out = Path(out) if out else model_dir / f"posthoc-ema-{sigma_rel:.3f}"
     with atomic_folder(out) as tmp:
         shutil.copytree(final, tmp, dirs_exist_ok=True)
         unet = UNet2DConditionModel.from_pretrained(final / "unet")
         load_into(unet, weights)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        summary_path = tmp / "training.json"
-        if summary_path.exists():
-            summary = json.loads(summary_path.read_text())
-            summary["posthoc_ema"] = {"sigma_rel": sigma_rel, "step": step, "profile_fit_error": float(error[0])}
-            summary_path.write_text(json.dumps(summary, indent=1))
+        summary_path = tmp / "training.json"  # its posthoc_ema record marks the folder as this function's
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        summary["posthoc_ema"] = {"sigma_rel": sigma_rel, "step": step, "profile_fit_error": float(error[0])}
+        summary_path.write_text(json.dumps(summary, indent=1))
     logger.info("post-hoc EMA sigma_rel=%g (step %d) written to %s", sigma_rel, step, out)
     return out
 
@@ -319,7 +354,10 @@ def sweep_sigma_rel(model_dir: str | Path, sigma_rels: list[float], data: str | 
     cfg = from_dict(UNetStageConfig, json.loads((final / "training.json").read_text())["config"])
     data = data or cfg.validation.data
     if not data:
-        raise ValueError("no held-out data: pass data= (or train with validation.data set)")
+        from ldm.errors import UserError
+
+        raise UserError(f"no held-out data for --sweep: pass --data DIR_OR_NAME ({final} was trained without "
+                        f"validation.data)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = LatentDiffusionPipeline.from_pretrained(final).to(device)
     v = cfg.validation

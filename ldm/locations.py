@@ -92,6 +92,50 @@ def check_writable(folder: str | Path, key: str, fix: str = "choose another one"
     return path
 
 
+def check_can_create(path: str | Path, key: str) -> Path:
+    """``path`` (a file or folder a command will write) is not under a file and its nearest existing folder is
+    writable; nothing is created, so a later refusal leaves no trace."""
+    path = Path(path).expanduser()
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{key} {path}: {parent} is a file, not a folder; choose another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".ldm-write-test-"):
+            pass
+    except OSError as err:
+        raise LocationError(f"{key} {path}: {parent} is not a folder this process can write to "
+                            f"({err.strerror or err}); choose another path") from None
+    return path
+
+
+def check_ours_or_new(folder: str | Path, key: str, ours, writes: tuple[str, ...] | None, what: str) -> Path:
+    """``folder`` for a command that (re)writes ``writes`` in it (None: the whole folder): absent, empty, holding
+    none of those names, or written by this command before (``ours(folder)``); never someone else's files."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{key} {folder} is a file; it must be a folder (choose another path)")
+    if path.is_dir() and not ours(path):
+        taken = sorted(p.name for p in path.iterdir() if writes is None or p.name in writes)
+        if taken:
+            shown = ", ".join(taken[:5]) + (" ..." if len(taken) > 5 else "")
+            raise FileExistsError(f"{key} {folder} already holds files that {what} did not write ({shown}); choose a "
+                                  f"new or empty folder, or move them away (nothing in it was changed)")
+    return check_can_create(path, key)
+
+
+def check_apart(path: str | Path, key: str, other: str | Path | None, other_key: str) -> None:
+    """Neither of two local paths lies inside the other (an output inside an input, or the reverse)."""
+    if other is None or not Path(other).expanduser().exists():
+        return  # a Hub id, or a path whose absence is reported where it is read
+    a, b = Path(path).expanduser().resolve(), Path(other).expanduser().resolve()
+    if a.is_relative_to(b) or b.is_relative_to(a):
+        where = "is" if a == b else "is inside" if a.is_relative_to(b) else "holds"
+        raise LocationError(f"{key} {path} {where} {other_key} {other}: {other_key} is only read, so keep "
+                            f"{key} outside it and it outside {key}")
+
+
 def model_location(value: str, key: str, marker: str | None, what: str) -> Path | str:
     """``local_or_hub``, and a local folder must hold ``marker`` (e.g. model_index.json): when it does not,
     the error says what the folder lacks and, for a stage's output_dir, points at its ``final/``."""

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Callable
 
 from ldm.checkpoint import atomic_folder
-from ldm.locations import LocationError
 from ldm.config import (ConfigError, DataConfig, TextEncoderStageConfig, UNetStageConfig, VAEStageConfig, load_config,
                         to_dict)
 
@@ -157,10 +156,8 @@ def run_recipe(data: str, out: str | Path, preset: str = "cpu", text_encoder: st
     """Split ``data``, train every stage with ``preset``, sample held-out captions, measure; returns the metrics."""
     from ldm.data.split import split_heldout
 
-    start, out = time.time(), Path(out)
-    if Path(data).exists() and out.resolve().is_relative_to(Path(data).resolve()):
-        raise LocationError(f"--out {out} is inside --data {data}: the data folder is only read, put OUT elsewhere")
-    configs, per_stage = preset_configs(preset), split_overrides(list(overrides))
+    start, out = time.time(), Path(out).expanduser()
+    configs, per_stage = check_recipe_inputs(data, out, preset, text_encoder, list(overrides))
     train_dir, heldout_dir = split_heldout(data, out / "data", heldout, seed, caption_column, image_column,
                                            max_fraction_count=MAX_HELDOUT)
     captions = heldout_captions(heldout_dir)
@@ -173,6 +170,35 @@ def run_recipe(data: str, out: str | Path, preset: str = "cpu", text_encoder: st
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report(out, train_dir, heldout_dir, vae, text, pipeline, grid, metrics)
     return metrics
+
+
+RECIPE_WRITES = ("data", "vae", "text_encoder", "unet", "pipeline", "samples.png", "metrics.json")
+
+
+def is_recipe_folder(out: Path) -> bool:
+    """True for an OUT that ``ldm train all`` started before: its split is there."""
+    return (out / "data" / "split.json").is_file()
+
+
+def check_recipe_inputs(data: str, out: Path, preset: str, text_encoder: str, overrides: list[str]
+                        ) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """Every check ``ldm train all`` can make before it reads the data: paths, the preset, the text encoder,
+    and each stage's config with its ``--set`` overrides. Returns (stage configs, overrides per stage)."""
+    from ldm.locations import check_apart, check_ours_or_new, local_or_hub, model_location
+
+    local_or_hub(data, "--data")
+    check_apart(out, "--out", data, "--data")
+    check_ours_or_new(out, "--out", is_recipe_folder, RECIPE_WRITES, "ldm train all")
+    if text_encoder != "train":
+        model_location(text_encoder, "--text-encoder", "text_encoder/config.json", "text encoder")
+    configs, per_stage = preset_configs(preset), split_overrides(overrides)
+    text = str(out / "text_encoder" / "final") if text_encoder == "train" else text_encoder
+    for stage, cls in STAGES.items():
+        if stage != "text_encoder" or text_encoder == "train":
+            paths = [f"vae={out / 'vae' / 'final'}", f"text_encoder={text}"] if stage == "unet" else []
+            load_config(cls, configs[stage], [f"data.path={out / 'data' / 'train'}", f"output_dir={out / stage}",
+                                              *paths, *per_stage[stage]])
+    return configs, per_stage
 
 
 def heldout_captions(heldout_dir: Path) -> list[str]:

@@ -11,10 +11,11 @@ from PIL import Image
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        UniPCMultistepScheduler)
 
+from ldm.arguments import ArgumentValueError
 from ldm.hub import LORA_FILE
-from ldm.locations import LocationError, check_writable, local_or_hub, model_location, not_found_here_or_on_hub
+from ldm.locations import LocationError, check_can_create, local_or_hub, model_location, not_found_here_or_on_hub
 from ldm.training import to_pil_grid
-from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
+from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline, schedule_problem
 
 logger = logging.getLogger(__name__)
 SCHEDULERS = {
@@ -32,6 +33,39 @@ def make_scheduler(name: str, config):
         raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
     cls, extra = SCHEDULERS[name]
     return cls.from_config(config, **extra)
+
+
+def steps_problem(scheduler, steps: int) -> str | None:
+    """Why ``scheduler`` cannot sample in ``steps`` steps (None when it can), from a fresh copy's timesteps."""
+    total = scheduler.config.num_train_timesteps
+    if not 1 <= steps <= total:
+        return f"a count from 1 to the schedule's {total} timesteps is needed"
+    trial = type(scheduler).from_config(scheduler.config)
+    try:
+        trial.set_timesteps(steps)
+    except (ValueError, IndexError, RuntimeError) as err:
+        return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return schedule_problem(trial, steps)
+
+
+def check_steps(scheduler, steps: int, key: str = "--steps") -> None:
+    """Refuse, before any image is made, a step count the sampler cannot take (it would crash or sample a
+    blank image); the message gives the counts that work, found by asking the sampler itself."""
+    problem = steps_problem(scheduler, steps)
+    if problem is None:
+        return
+    total = scheduler.config.num_train_timesteps
+    works = (lambda n: steps_problem(scheduler, n) is None)
+    top = next((n for n in range(total, 0, -1) if works(n)), 0)
+    what = (f"the {type(scheduler).__name__} sampler on this pipeline's schedule ({total} training timesteps, "
+            f"{scheduler.config.get('timestep_spacing', 'leading')!r} spacing)")
+    if not 1 <= steps < top:
+        raise ArgumentValueError(f"{key} {steps}: {what} cannot take {steps} steps ({problem}); choose 1 to {top}")
+    nearest = [n for n in (next((n for n in range(steps - 1, 0, -1) if works(n)), None),
+                           next((n for n in range(steps + 1, top + 1) if works(n)), None)) if n]
+    raise ArgumentValueError(f"{key} {steps}: {what} cannot take exactly {steps} steps ({problem}); choose "
+                             f"{' or '.join(map(str, nearest))} (most counts from 1 to {top} work, a few like this "
+                             f"one do not)")
 
 
 def check_image_path(out: Path, key: str) -> None:
@@ -107,10 +141,11 @@ def sample_to_files(model: str, prompts: list[str], negative_prompt: str | None 
                     scheduler: str | None = None, singles: bool = False) -> list[Path]:
     """``ldm sample``: write a PNG grid (and optionally each image) for the prompts."""
     if num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {num_images}")
+        raise ArgumentValueError(f"--num-images must be >= 1, got {num_images}")
     check_image_path(Path(out), "--out")
-    check_writable(Path(out).parent, "--out folder")
+    check_can_create(Path(out), "--out")
     pipe = load_pipeline(model, scheduler=scheduler)
+    check_steps(pipe.scheduler, steps)
     images, grid = sample_grid(pipe, prompts, num_images, steps, guidance, seed, negative_prompt)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -93,6 +93,28 @@ def hide_learned_variance(scheduler):
         scheduler.register_to_config(variance_type=variance_type)
 
 
+def schedule_problem(scheduler, steps=None):
+    """Why the scheduler's current timesteps cannot sample (None when they can).
+
+    Each timestep must index the training schedule, t ∈ {0, …, T − 1}; a first-order scheduler (one model
+    call per timestep) must visit each once and, when asked for `steps`, take that many. diffusers' timestep
+    spacings break this for some step counts — e.g. DPM-Solver++ with "leading" spacing at 999 of T = 1000
+    steps gives t = 1000 and a blank image, "trailing" at 61 steps gives 62 timesteps — and sample
+    anyway. Second-order schedulers (Heun, KDPM2) repeat timesteps by design.
+    """
+    t = [float(x) for x in scheduler.timesteps]
+    last = scheduler.config.num_train_timesteps - 1
+    if not t:
+        return "it made no timesteps"
+    if min(t) < 0 or max(t) > last:
+        return f"it made timestep {max(t) if max(t) > last else min(t):g}, outside the schedule's 0 to {last}"
+    if getattr(scheduler, "order", 1) == 1 and len(set(t)) != len(t):
+        return "it made a timestep twice"
+    if getattr(scheduler, "order", 1) == 1 and steps is not None and len(t) != steps:
+        return f"it made {len(t)} timesteps for {steps} steps"
+    return None
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -582,6 +604,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         )
         # 2. timesteps, then z_T (a scheduler's σ_T may depend on its timesteps)
         retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        asked = num_inference_steps if timesteps is None and sigmas is None else None
+        problem = schedule_problem(self.scheduler, asked)
+        if problem:
+            raise ValueError(f"{type(self.scheduler).__name__} cannot sample with these timesteps "
+                             f"(`num_inference_steps`={asked}): {problem}. Choose another step count.")
         latents = self.prepare_latents(shape, generator, latents, device, dtype)
         state = {"latents": latents, "prompt_embeds": cond.to(dtype),
                  "negative_prompt_embeds": None if uncond is None else uncond.to(dtype)}

@@ -152,6 +152,17 @@ def test_ldm_ema_writes_a_loadable_pipeline_and_sweeps_validation_loss(unet_over
     images = pipe("a small red circle", num_inference_steps=2, output_type="pt",
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+    # issue 22: a rerun replaces only its own folder; someone's folder at --out is refused and left as it was
+    cli.main(["ema", "--model", str(out), "--sigma-rel", "0.07"])
+    assert json.loads((folder / "training.json").read_text())["posthoc_ema"]["sigma_rel"] == 0.07
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["ema", "--model", str(out), "--sigma-rel", "0.07", "--out", str(mine)])
+    assert exit_info.value.code == 2 and "did not write (notes.txt)" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
 
     rows = sweep_sigma_rel(out, [0.05, 0.07])
     assert [r["sigma_rel"] for r in rows] == [None, 0.05, 0.07]

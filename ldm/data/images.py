@@ -140,8 +140,8 @@ def load_records(data: DataConfig, streaming: bool | None = None):
     broken line is reported with its file and line number instead of a pyarrow error.
     """
     if not data.path:
-        raise ValueError("data.path is empty: set it to an imagefolder, a folder of .tar shards, or a dataset "
-                         "name (e.g. `ldm data shapes --out data/shapes` then --set data.path=data/shapes)")
+        raise DataError("data.path is empty: set it to an imagefolder, a folder of .tar shards, or a dataset "
+                        "name (e.g. `ldm data shapes --out data/shapes` then --set data.path=data/shapes)")
     streaming = data.streaming if streaming is None else streaming
     location = local_or_hub(data.path, "data.path")
     if isinstance(location, Path):
@@ -153,8 +153,8 @@ def load_records(data: DataConfig, streaming: bool | None = None):
             raise not_found_here_or_on_hub(location, "data.path", err) from err
     columns = records.column_names or list(records.features or {})
     if data.image_column not in columns:
-        raise ValueError(f"image column {data.image_column!r} not in {data.path}; its columns are {columns} "
-                         f"(set data.image_column)")
+        raise DataError(f"image column {data.image_column!r} not in {data.path}; its columns are {columns} "
+                        f"(set data.image_column)")
     if isinstance(records.features.get(data.image_column), datasets.Image):
         records = records.cast_column(data.image_column, datasets.Image(decode=False))
     return records
@@ -223,9 +223,9 @@ def check_captions(records, data: DataConfig) -> None:
     """The caption column exists; in a map-style dataset every caption is a string (checked once, up front)."""
     columns = records.column_names or list(records.features or {})
     if data.caption_column not in columns:
-        raise ValueError(f"caption column {data.caption_column!r} not in {data.path}; its columns are {columns} "
-                         f"(set data.caption_column, or add a metadata.jsonl with file_name and "
-                         f"{data.caption_column})")
+        raise DataError(f"caption column {data.caption_column!r} not in {data.path}; its columns are {columns} "
+                        f"(set data.caption_column, or add a metadata.jsonl with file_name and "
+                        f"{data.caption_column})")
     if isinstance(records, datasets.Dataset):
         for index, caption in enumerate(records[data.caption_column]):
             if not isinstance(caption, str):

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ldm.data.images import DataError
+
 
 def example_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one visit of one example, independent of every other visit."""
@@ -41,9 +43,9 @@ class ResumableBatchSampler(Sampler):
         self.start = start
         if self.batches_per_epoch() == 0:
             sizes = [len(g) for g in self.groups]
-            raise ValueError(f"no group of examples (sizes {sizes}) fills one global batch of "
-                             f"{self.global_batch} (train.batch_size x processes); lower train.batch_size "
-                             f"or add data")
+            raise DataError(f"no group of examples (sizes {sizes}) fills one global batch of "
+                            f"{self.global_batch} (train.batch_size x processes); lower train.batch_size "
+                            f"or add data")
 
     def batches_per_epoch(self) -> int:
         return sum(len(g) // self.global_batch for g in self.groups)

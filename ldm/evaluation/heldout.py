@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.config import DataConfig
-from ldm.data.images import ImageCaptionDataset, collate
+from ldm.data.images import DataError, ImageCaptionDataset, collate
 from ldm.losses import diffusion as D
 from ldm.models.text import encode_prompts
 from ldm.models.vae import normalize_latents
@@ -85,7 +85,7 @@ def encode_heldout(data: DataConfig, vae, text_encoder, tokenizer, batch_size: i
     """(z (N, C, h, w), c (N, L, D)) on the CPU: normalised posterior means and full-caption text states, once."""
     dataset = ImageCaptionDataset(data)
     if len(dataset) == 0:
-        raise ValueError(f"validation.data {data.path} has no usable examples")
+        raise DataError(f"validation.data {data.path} has no usable examples")
     latents, texts = [], []
     for start in tqdm(range(0, len(dataset), batch_size), desc="held-out latents", leave=False):
         batch = collate([dataset[(i, 0)] for i in range(start, min(start + batch_size, len(dataset)))])

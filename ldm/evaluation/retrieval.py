@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
 from ldm.config import DataConfig
-from ldm.data.images import ImageCaptionDataset, collate
+from ldm.data.images import DataError, ImageCaptionDataset, collate
 from ldm.data.shapes import COLOURS, KINDS
 from ldm.models.text import load_open_clip, load_text_encoder, tokenize, warn_if_truncated
 
@@ -108,7 +108,7 @@ def evaluate_clip(model, tokenizer: CLIPTokenizer, pixel_values: torch.Tensor, c
 def pick_examples(total: int, num: int, seed: int) -> list[int]:
     """``num`` distinct positions out of ``total``, a seeded random choice (all of them if fewer)."""
     if total < 2:
-        raise ValueError(f"retrieval needs at least 2 image-caption pairs, the data has {total}")
+        raise DataError(f"retrieval needs at least 2 image-caption pairs, the data has {total}")
     if num > total:
         logger.warning("asked for %d pairs, the data has %d: using all of them", num, total)
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
