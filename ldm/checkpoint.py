@@ -141,6 +141,20 @@ def check_resume_path(output_dir: str | Path, folder: Path) -> None:
             f"output_dir, or move those checkpoints away first")
 
 
+def check_stage_folders(output_dir: str | Path) -> None:
+    """A stage replaces ``final/`` (and ``snapshot/``) under ``output_dir``: where no stage has run (no ``logs/``, no
+    ``checkpoint-*``) such a folder is someone else's, and is refused before any work (``train.resume=never``
+    moves it aside instead)."""
+    root = Path(output_dir)
+    if not root.is_dir() or (root / "logs").is_dir() or any(root.glob("checkpoint-*")):
+        return
+    taken = [name for name in ("final", "snapshot") if (root / name).exists()]
+    if taken:
+        raise FileExistsError(f"output_dir {root} holds {' and '.join(taken)}/, which no stage wrote there (no logs/ "
+                              f"or checkpoint-*), and a stage replaces it when it finishes: choose another output_dir, "
+                              f"or set train.resume=never to move it to {PREVIOUS}/ (nothing was changed)")
+
+
 def set_aside_previous_run(output_dir: str | Path) -> Path | None:
     """``train.resume=never``: move what an earlier run left in ``output_dir`` into ``previous/<date-time>/``.
 

@@ -42,6 +42,8 @@ def make_accelerator(output_dir: str, train: TrainConfig, config=None) -> Accele
     """An Accelerator for ``train.mixed_precision`` with TensorBoard logs in ``<output_dir>/logs``."""
     if train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 (works on CPU) or no")
+    if train.resume != "never":
+        ckpt.check_stage_folders(output_dir)
     check_writable(output_dir, "output_dir")
     project = ProjectConfiguration(project_dir=output_dir, logging_dir=str(Path(output_dir) / "logs"))
     # Stages may run one after another in one process (ldm demo, tests) with other precisions:

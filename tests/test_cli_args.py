@@ -120,6 +120,7 @@ CHECKS = [
     ("train vae --config {user}", "config file", "is a folder"),
     ("train vae --config {config} --set train.max_steps=-1", "train.max_steps", ">= 1"),
     ("train vae --config {config} --set data.path={new}/data", "data.path", "does not exist"),
+    ("train vae --config {config} --set output_dir={user}", "output_dir", "holds final/, which no stage wrote there"),
     ("train text-encoder --config {config} --set data.path={new}/data", "data.path", "does not exist"),
     ("train unet --config {config}", "vae", "is not set"),
     ("train unet --config {config} --set vae={new}/vae --set text_encoder={pipe}", "vae", "does not exist"),
@@ -150,9 +151,9 @@ def digest(folder: Path, contents: bool = True) -> str:
 
 @pytest.fixture
 def places(tmp_path, tiny_pipeline_dir, shapes16):
-    user = tmp_path / "user"  # someone's folder: their own data/, pipeline/ and metrics.json among other files
+    user = tmp_path / "user"  # someone's folder: their own data/, final/, pipeline/, metrics.json among other files
     for name, content in (("notes.txt", "mine"), ("metrics.json", "{}"), ("pipeline/weights.bin", "w"),
-                          ("data/metadata.jsonl", ""), ("data/photo.png", "p")):
+                          ("final/w", "w"), ("data/metadata.jsonl", ""), ("data/photo.png", "p")):
         (user / name).parent.mkdir(parents=True, exist_ok=True)
         (user / name).write_text(content)
     run = tmp_path / "run"  # a stage-2 output_dir as `ldm ema` reads it (only the layout is looked at)
