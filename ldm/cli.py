@@ -112,6 +112,9 @@ EVAL_MIN_NUM = {"vae": 1, "text-encoder": 2, "pipeline": 4}  # retrieval needs 2
 
 def check_eval_args(args) -> Path:
     """Everything ``ldm eval`` can check before it loads a model; returns the metrics file to write."""
+    if args.resolution is not None and args.kind == "pipeline":
+        raise ArgumentValueError(f"--resolution {args.resolution}: ldm eval pipeline samples at the pipeline's own "
+                                 f"size; --resolution is for vae and text-encoder")
     if args.num is not None and args.num < EVAL_MIN_NUM[args.kind]:
         raise ArgumentValueError(f"--num {args.num}: ldm eval {args.kind} needs at least {EVAL_MIN_NUM[args.kind]} "
                                  f"examples")

@@ -87,6 +87,12 @@ CHECKS = [
     ("eval text-encoder --model {pipe} --data {data} --num 1", "--num 1", "at least 2"),
     ("eval pipeline --model {pipe} --data {data} --num 3", "--num 3", "at least 4"),
     ("eval vae --model {pipe} --data {data} --out {data}/m.json", "--out", "inside --data"),
+    ("eval vae --model {pipe} --data {data} --out {new}/m.json --resolution 18", "--resolution 18",
+     "multiple of the VAE's downsampling factor 4"),
+    ("eval text-encoder --model {stage0} --data {data} --out {new}/m.json --resolution 48", "--resolution 48",
+     "takes 32-pixel images"),
+    ("eval pipeline --model {pipe} --data {data} --out {new}/m.json --resolution 32", "--resolution 32",
+     "the pipeline's own size"),
     ("eval vae --model {pipe} --data {data} --out {new}/m.txt", "--out", "ending in .json"),
     ("eval vae --model {pipe} --data {new}/data --out {new}/m.json", "--data", "does not exist"),
     ("eval vae --model someone/vae --data {data}", "--model", "pass --out"),
@@ -149,8 +155,22 @@ def digest(folder: Path, contents: bool = True) -> str:
     return h.hexdigest()
 
 
+@pytest.fixture(scope="module")
+def stage0(tmp_path_factory):
+    """A stage-0 folder with only its tiny open_clip model (32 px images, patch 8): what the checks read first."""
+    from ldm.config import CLIPModelConfig
+    from ldm.models.text import build_open_clip, open_clip_config, save_open_clip
+
+    cfg = open_clip_config(CLIPModelConfig(embed_dim=16, vision_layers=1, vision_width=32, vision_heads=2,
+                                           vision_patch_size=8, text_context_length=16, text_width=32, text_heads=2,
+                                           text_layers=1), 32)
+    folder = tmp_path_factory.mktemp("stage0")
+    save_open_clip(folder / "open_clip", build_open_clip(cfg), cfg)
+    return folder
+
+
 @pytest.fixture
-def places(tmp_path, tiny_pipeline_dir, shapes16):
+def places(tmp_path, tiny_pipeline_dir, shapes16, stage0):
     user = tmp_path / "user"  # someone's folder: their own data/, final/, pipeline/, metrics.json among other files
     for name, content in (("notes.txt", "mine"), ("metrics.json", "{}"), ("pipeline/weights.bin", "w"),
                           ("final/w", "w"), ("data/metadata.jsonl", ""), ("data/photo.png", "p")):
@@ -167,7 +187,7 @@ def places(tmp_path, tiny_pipeline_dir, shapes16):
     config.write_text(f"output_dir: {tmp_path / 'new' / 'out'}\ndata:\n  path: {shapes16}\n  resolution: 16\n")
     (tmp_path / "file").write_text("a file")
     return {"user": user, "run": run, "unsnapped": unsnapped, "config": config, "file": tmp_path / "file",
-            "pipe": tiny_pipeline_dir, "data": shapes16, "new": tmp_path / "new"}
+            "pipe": tiny_pipeline_dir, "data": shapes16, "stage0": stage0, "new": tmp_path / "new"}
 
 
 def argv_of(command: str, places: dict) -> list[str]:
@@ -178,7 +198,7 @@ def argv_of(command: str, places: dict) -> list[str]:
 
 def assert_refused(run, places, argument: str, allowed: str) -> str:
     """Run ``run()``; it must exit 2 with one error line naming ``argument`` and ``allowed``, touching nothing."""
-    watched = [(p, k not in ("pipe", "data")) for k, p in places.items() if k not in ("new", "config", "file")]
+    watched = [(p, k not in ("pipe", "data", "stage0")) for k, p in places.items() if k not in ("new", "config", "file")]
     before = [digest(*w) for w in watched] + [places["config"].read_bytes(), places["file"].read_bytes()]
     code, err = run()
     lines = [line for line in err.splitlines() if line.strip()]

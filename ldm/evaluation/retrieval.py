@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
+from ldm.arguments import ArgumentValueError
 from ldm.config import DataConfig
 from ldm.data.images import DataError, ImageCaptionDataset, collate
 from ldm.data.shapes import COLOURS, KINDS
@@ -127,9 +128,14 @@ def evaluate_text_encoder(model_dir: str | Path, data: DataConfig, num: int | No
     """
     model_dir = Path(model_dir)
     model, config = load_open_clip(model_dir / "open_clip")
+    size = config["vision_cfg"]["image_size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    if resolution not in (None, size):  # another size gives another number of patches than it was trained on
+        raise ArgumentValueError(f"--resolution {resolution}: the stage-0 CLIP's image tower takes {size}-pixel "
+                                 f"images (leave --resolution out)")
+    resolution = size
     tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
     text_encoder, _ = load_text_encoder(model_dir)
-    resolution = resolution or config["vision_cfg"]["image_size"]
     dataset = ImageCaptionDataset(replace(data, resolution=resolution))
     batch = collate([dataset[i] for i in pick_examples(len(dataset), num or 100, seed)])
     warn_if_truncated(tokenizer, batch["caption"])

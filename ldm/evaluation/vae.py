@@ -24,10 +24,11 @@ from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from ldm.arguments import ArgumentValueError
 from ldm.config import DataConfig
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.losses.vae import gaussian_kl, normalized_nll
-from ldm.models.vae import load_training_logvar, normalize_latents
+from ldm.models.vae import downsampling_factor, load_training_logvar, normalize_latents
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ def evaluate_vae(model_dir: str, data: DataConfig, num: int | None = None, batch
     """Metrics of the VAE in ``model_dir`` on the first ``num`` (default 500) images of ``data``."""
     vae, source = load_vae(model_dir)
     resolution = resolution or vae.config.sample_size
+    if resolution % downsampling_factor(vae):
+        raise ArgumentValueError(f"--resolution {resolution}: must be a multiple of the VAE's downsampling factor "
+                                 f"{downsampling_factor(vae)} (it was trained at {vae.config.sample_size})")
     data = dataclasses.replace(data, resolution=resolution)
     dataset = ImageCaptionDataset(data, need_captions=False)
     num = min(num or 500, len(dataset))
