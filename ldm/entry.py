@@ -74,3 +74,21 @@ def check_stage_inputs(cfg) -> None:
                               f"set `pretrained` to a pipeline folder to fine-tune)")
         if getattr(cfg, key) and (key == "pretrained" or not cfg.pretrained):
             model_location(getattr(cfg, key), key, marker, what)
+    check_resolution_fits_vae(cfg)
+
+
+def check_resolution_fits_vae(cfg) -> None:
+    """data.resolution is a multiple of the local VAE's downsampling factor 2^(levels − 1) (read from its config)."""
+    import json
+    from pathlib import Path
+
+    from ldm.config import ConfigError
+
+    key, folder = ("pretrained", Path(cfg.pretrained) / "vae") if cfg.pretrained else ("vae", Path(cfg.vae))
+    try:
+        factor = 2 ** (len(json.loads((folder.expanduser() / "config.json").read_text())["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a Hub id, or a config the loader reports on
+    if cfg.data.resolution % factor:
+        raise ConfigError(f"data.resolution {cfg.data.resolution} is not a multiple of the downsampling factor "
+                          f"{factor} of the VAE in {key} {folder}; use a multiple of {factor}")
