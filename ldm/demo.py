@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -56,7 +55,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, seed: int = 0) -> di
 
     start, sizes = time.time(), QUICK if quick else FULL
     out = check_ours_or_new(out, "--out", is_demo_folder, RECIPE_WRITES, "ldm demo")  # same folders as train all
-    threads = os.cpu_count() or 1
+    threads = usable_cores()
     torch.set_num_threads(threads)
     logger.info("ldm demo: seed %d, %d torch thread(s) for stage 2 and evaluation", seed, threads)
     extra = {stage: QUICK_OVERRIDES if quick else DEMO_OVERRIDES.get(stage, [])

@@ -8,12 +8,22 @@ images), and by the image check that each process makes of its share of the data
 
 from __future__ import annotations
 
+import os
 import pickle
 from typing import Callable, TypeVar
 
 import torch
 
 T = TypeVar("T")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask (``taskset``, a container's cpuset), which
+    ``os.cpu_count()`` ignores; at least 1."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # platforms without affinity masks
+        return os.cpu_count() or 1
 
 
 class SingleProcess:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +27,7 @@ from typing import Callable
 from ldm.checkpoint import atomic_folder
 from ldm.config import (ConfigError, DataConfig, TextEncoderStageConfig, UNetStageConfig, VAEStageConfig, load_config,
                         to_dict)
+from ldm.distributed import usable_cores
 
 logger = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -126,7 +126,7 @@ def run_side_by_side(*jobs: tuple[Callable, object]) -> list:
 
     if torch.cuda.is_available() or len(jobs) < 2:
         return [fn(cfg) for fn, cfg in jobs]
-    threads = max(1, (os.cpu_count() or 1) // len(jobs))
+    threads = max(1, usable_cores() // len(jobs))
     logger.info("training %s side by side, %d thread(s) each", " and ".join(fn.__module__ for fn, _ in jobs), threads)
     with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_setup, initargs=(threads,)) as pool:
