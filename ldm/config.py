@@ -440,6 +440,11 @@ class AlignConfig:
         _at_least("align.steps", self.steps, 1, nullable=True)
         _at_least("align.projector_width", self.projector_width, 1)
         _check(self.encoder is None or bool(self.encoder.strip()), "align.encoder", "must be a folder or null")
+        if self.encoder and not Path(self.encoder, "open_clip_config.json").is_file():
+            name, _, weights = self.encoder.partition(":")
+            _check(bool(weights) and Path(weights).expanduser().is_file(), "align.encoder",
+                   f"{self.encoder!r} is neither an open_clip folder (with open_clip_config.json) nor "
+                   "MODEL:WEIGHTS with a local weights file: random features would teach nothing")
 
 
 @dataclass(frozen=True)
@@ -543,9 +548,10 @@ class UNetStageConfig:
         for key in ("pretrained", "vae", "text_encoder"):
             value = getattr(self, key)
             _check(value is None or bool(value.strip()), key, "must be a folder, a Hub id or null")
-        _check(not self.align.weight or (not self.data.streaming and self.dreambooth.instance_data is None),
+        _check(not self.align.weight or (not self.data.streaming and self.dreambooth.instance_data is None
+                                         and self.data.crop != "random"),
                "align.weight", "> 0 needs an image folder the targets are computed for once, before training: "
-               "not data.streaming and not dreambooth (or align.weight=0)")
+               "not data.streaming, dreambooth or data.crop=random (or align.weight=0)")
 
 
 # --------------------------------------------------------------------------------------------

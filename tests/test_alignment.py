@@ -37,12 +37,17 @@ def test_features_on_the_encoder_grid():
 
 
 def test_aligner_loss_on_a_tiny_unet_equals_the_hand_computation(unet_overrides, tiny_open_clip_dir):
-    cfg = _cfg(unet_overrides, "align.weight=0.7", f"align.encoder={tiny_open_clip_dir}")
+    from ldm.data.images import flip_decision
+
+    cfg = _cfg(unet_overrides, "align.weight=0.7", f"align.encoder={tiny_open_clip_dir}", "data.random_flip=true")
     parts = load_components(cfg)
     aligner, visual = A.build_aligner(cfg, parts.unet)
     dataset = ImageCaptionDataset(cfg.data)
     aligner.targets = A.compute_targets(visual, dataset)
-    batch = collate([dataset[(i, 7 + i)] for i in (5, 0, 11)])
+    keys = [(5, 7), (0, 8), (11, 9)]
+    flips = [flip_decision(seed) for _, seed in keys]
+    assert any(flips) and not all(flips)  # mirrored and plain examples in one batch
+    batch = collate([dataset[key] for key in keys])
     x = torch.randn(3, 4, 4, 4)
     text = torch.randn(3, 16, 32)
     seen = []
@@ -55,11 +60,21 @@ def test_aligner_loss_on_a_tiny_unet_equals_the_hand_computation(unet_overrides,
     f = seen[0]
     assert f.shape == (3, 32, 2, 2)  # the middle block of the [16, 32] U-Net on 4x4 latents: the 2x2 patch grid
     projected = aligner.projector(f.flatten(2).transpose(1, 2))
-    pixels = torch.stack([dataset.load(i, 0, False)["pixel_values"] for i in (5, 0, 11)])
+    pixels = torch.stack([dataset.load(i, 0, flip)["pixel_values"] for (i, _), flip in zip(keys, flips)])
     fresh = A.encode_patches(visual, pixels)
     cos = torch.nn.functional.cosine_similarity(projected, fresh, dim=-1)  # [3, 4]
     assert torch.allclose(got, 0.7 * -cos.mean(), atol=1e-3)  # targets are stored in float16
     assert aligner.features is None  # consumed: a stale capture is never reused
+    assert aligner.pop_log() == {"align_loss": pytest.approx(got.item())} and aligner.pop_log() == {}
+
+
+def test_coarser_grid_pools_the_finer_side():
+    from ldm.losses.alignment import common_grid, tokens_to_grid
+
+    features, tokens = torch.randn(2, 3, 2, 2), torch.randn(2, 16, 5)  # U-Net 2x2, encoder 4x4
+    assert common_grid(features, (4, 4)) == (2, 2)
+    pooled = tokens_to_grid(tokens, (4, 4), (2, 2))
+    assert torch.allclose(pooled[1, 0], tokens[1, [0, 1, 4, 5]].mean(0), atol=1e-6)  # the top-left 2x2 patches
 
 
 def test_cached_targets_equal_fresh_ones_and_a_new_fingerprint_recomputes(shapes16, tiny_open_clip_dir, tmp_path):
@@ -91,9 +106,12 @@ def test_alignment_is_in_the_loss_for_the_first_steps_only(unet_overrides, tiny_
         return original(self, batch, projector)
 
     monkeypatch.setattr(A.Aligner, "loss", spy)
+    logged, pop_log = [], A.Aligner.pop_log
+    monkeypatch.setattr(A.Aligner, "pop_log", lambda self: logged.append(pop_log(self)) or logged[-1])
     final = stage2.main(_cfg(unet_overrides, "align.weight=0.5", "align.steps=3", "train.grad_accum_steps=2",
                              f"align.encoder={tiny_open_clip_dir}"))
     assert calls == [4] * 6  # 3 steps x 2 micro-batches of 4, then never again (4 steps in all)
+    assert [("align_loss" in row) for row in logged] == [True, True, True, False]  # logged at every step
     checkpoint = tmp_path / "unet" / "checkpoint-4"
     assert (checkpoint / "model-align.safetensors").is_file()  # the projector resumes with the run
     assert not any("align" in p.name for p in final.rglob("*"))  # and never ships
@@ -107,3 +125,7 @@ def test_alignment_needs_an_encoder_and_an_image_folder(unet_overrides):
         _cfg(unet_overrides, "align.weight=0.5", "data.streaming=true")
     with pytest.raises(ValueError, match="align.steps"):
         _cfg(unet_overrides, "align.steps=0")
+    with pytest.raises(ValueError, match="random features"):
+        _cfg(unet_overrides, "align.weight=0.5", "align.encoder=ViT-B-32")  # no local weights
+    with pytest.raises(ValueError, match="data.crop=random"):
+        _cfg(unet_overrides, "align.weight=0.5", "data.crop=random")

@@ -95,8 +95,8 @@ def main(cfg: UNetStageConfig) -> Path:
         phema.drop_snapshots_after(state.step)
     heldout = heldout_set(cfg, parts, text_encoder) if cfg.validation.data and accelerator.is_main_process else None
     batches, source, dataset = training_batches(accelerator, cfg, state.batches, parts)
-    if aligner is not None:
-        attach_targets(aligner, image_encoder, dataset, Path(cfg.output_dir), accelerator)
+    if aligner is not None and aligner.active(state.step):  # a run resumed past align.steps needs no targets
+        attach_targets(aligner, image_encoder, dataset, Path(cfg.output_dir), accelerator, device)
     logger.info("U-Net %.2fM parameters, %.2fM trained; data: %s", _millions(raw_unet.parameters()),
                 _millions(params), source)
     empty_text = encode_prompts(text_encoder, tokenizer, [""])[0]  # c_∅ (L, D)
@@ -128,7 +128,8 @@ def main(cfg: UNetStageConfig) -> Path:
 
         if state.step % train.log_every == 0 or state.step == train.max_steps:
             accelerator.log({"loss": float(loss_sum) / loss_count, "lr": lr_scheduler.get_last_lr()[0],
-                             "grad_norm": float("nan") if norm is None else float(norm), "skipped_steps": state.skipped}, step=state.step)
+                             "grad_norm": float("nan") if norm is None else float(norm), "skipped_steps": state.skipped,
+                             **(aligner.pop_log() if aligner is not None else {})}, step=state.step)
             loss_sum, loss_count = torch.zeros((), device=device), 0
         if accelerator.is_main_process and (state.step % cfg.validation.every == 0 or state.step == train.max_steps):
             validation_grid(cfg, parts, raw_unet, ema, Path(cfg.output_dir) / "samples" / f"step-{state.step}.png")

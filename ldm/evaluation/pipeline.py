@@ -56,7 +56,8 @@ def judge_real(images, captions: list[str], kinds: tuple[str, ...] = KINDS) -> d
     for image, text in zip(images, captions):
         named = CAPTION_SHAPE.findall(text)
         if named:
-            verdicts = [judge(np.asarray(image), colour, kind, kinds=readable, cell=CELLS[where])
+            verdicts = [judge(np.asarray(image), colour, kind, kinds=tuple(dict.fromkeys(readable + (kind,))),
+                              cell=CELLS[where])
                         for colour, kind, where in named]
             correct.append(all(v.correct and v.position_ok for v in verdicts))
     return ceiling(correct)

@@ -22,9 +22,22 @@ def alignment_loss(projected: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return -F.cosine_similarity(projected, targets.to(projected.dtype), dim=-1).mean(dim=1)
 
 
+def common_grid(features: torch.Tensor, grid: tuple[int, int]) -> tuple[int, int]:
+    """The coarser of the U-Net's feature grid (h, w) and the encoder's patch grid, side by side."""
+    return min(features.shape[-2], grid[0]), min(features.shape[-1], grid[1])
+
+
 def to_patch_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """U-Net features [B, C, h, w] -> [B, N = gh·gw, C] on the encoder's patch grid (area averaging when
-    the grids differ, as adaptive average pooling; exact reshaping when they agree)."""
+    """Feature maps [B, C, h, w] -> tokens [B, N = gh·gw, C] on ``grid`` (gh ≤ h, gw ≤ w): the mean over each
+    cell's area (adaptive average pooling; exact when the sides divide), a reshape when the grids agree."""
     if tuple(features.shape[-2:]) != tuple(grid):
         features = F.adaptive_avg_pool2d(features, grid)
     return features.flatten(2).transpose(1, 2)
+
+
+def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int], to: tuple[int, int]) -> torch.Tensor:
+    """Patch tokens [B, gh·gw, D] on ``grid`` -> [B, N, D] on the coarser grid ``to`` (area means)."""
+    if tuple(grid) == tuple(to):
+        return tokens
+    maps = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
+    return to_patch_grid(maps, to)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ldm.config import AlignConfig
 from ldm.data.images import flip_decision
-from ldm.losses.alignment import alignment_loss, to_patch_grid
+from ldm.losses.alignment import alignment_loss, common_grid, to_patch_grid, tokens_to_grid
 
 logger = logging.getLogger(__name__)
 TARGETS_FILE = "align-targets.safetensors"
@@ -64,16 +64,26 @@ def load_image_encoder(align: AlignConfig, text_encoder: str | None, pretrained:
     return visual
 
 
+def input_size(visual: nn.Module) -> tuple[int, int]:
+    size = visual.preprocess_cfg["size"]
+    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+
+def to_input_size(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] resized (bicubic) to the encoder's input size, as open_clip's preprocessing does."""
+    size = input_size(visual)
+    if tuple(pixels.shape[-2:]) == size:
+        return pixels.float()
+    return F.interpolate(pixels.float(), size=size, mode="bicubic", align_corners=False)
+
+
 @torch.no_grad()
 def encode_patches(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """Patch features y* [B, N, D] of images in [-1, 1] [B, 3, H, W], resized to the encoder's input size and
     normalised with its own mean and std, as open_clip's preprocessing does."""
     cfg = visual.preprocess_cfg
-    size = cfg["size"] if isinstance(cfg["size"], (list, tuple)) else (cfg["size"], cfg["size"])
-    x = (pixels.float() + 1) / 2
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False)
-    mean, std = (torch.tensor(cfg[k], dtype=x.dtype).view(1, 3, 1, 1) for k in ("mean", "std"))
+    x = (to_input_size(visual, pixels) + 1) / 2
+    mean, std = (torch.tensor(cfg[k], dtype=x.dtype, device=x.device).view(1, 3, 1, 1) for k in ("mean", "std"))
     _, tokens = visual((x - mean) / std)
     return tokens.float()
 
@@ -94,8 +104,10 @@ def compute_targets(visual: nn.Module, dataset, batch_size: int = 256) -> dict[s
         chunks = []
         for start in tqdm(range(0, len(dataset), batch_size), desc="alignment targets", leave=False):
             stop = min(start + batch_size, len(dataset))
-            pixels = torch.stack([dataset.load(i, 0, flip)["pixel_values"] for i in range(start, stop)])
-            chunks.append(encode_patches(visual, pixels).half())
+            pixels = torch.cat([to_input_size(visual, dataset.load(i, 0, flip)["pixel_values"][None])
+                                for i in range(start, stop)])  # one size, whatever the aspect buckets
+            device = next(visual.parameters()).device
+            chunks.append(encode_patches(visual, pixels.to(device)).half().cpu())
         out["flip" if flip else "plain"] = torch.cat(chunks)
     return out
 
@@ -127,6 +139,7 @@ class Aligner:
                  grid: tuple[int, int]):
         self.align, self.projector, self.targets, self.grid = align, projector, targets, grid
         self.features: torch.Tensor | None = None
+        self.logged: list[torch.Tensor] = []  # λ·L_REPA of each micro-batch since the last ``pop_log``
 
     def active(self, step: int) -> bool:
         """On for optimizer steps 0 .. align.steps − 1 (all steps when align.steps is null)."""
@@ -151,9 +164,18 @@ class Aligner:
         index = batch["index"].tolist()
         flip = ["flip" in self.targets and flip_decision(int(s)) for s in batch["seed"].tolist()]
         rows = [self.targets["flip" if f else "plain"][i] for i, f in zip(index, flip)]
-        targets = torch.stack(rows).to(features.device)
-        projected = (projector or self.projector)(to_patch_grid(features, self.grid).float())
-        return self.align.weight * alignment_loss(projected, targets).mean()
+        grid = common_grid(features, self.grid)  # the coarser of the two grids: area means on the finer side
+        targets = tokens_to_grid(torch.stack(rows).to(features.device).float(), self.grid, grid)
+        projected = (projector or self.projector)(to_patch_grid(features, grid).float())
+        value = self.align.weight * alignment_loss(projected, targets).mean()
+        self.logged.append(value.detach())
+        return value
+
+    def pop_log(self) -> dict:
+        """{"align_loss": mean λ·L_REPA of the micro-batches since the last call} (empty when none): the logged
+        ``loss`` is the whole objective, L_diffusion + this."""
+        logged, self.logged = self.logged, []
+        return {"align_loss": float(torch.stack(logged).mean())} if logged else {}
 
 
 def build_aligner(cfg, unet: nn.Module) -> tuple[Aligner, nn.Module] | tuple[None, None]:
@@ -162,22 +184,26 @@ def build_aligner(cfg, unet: nn.Module) -> tuple[Aligner, nn.Module] | tuple[Non
     if not cfg.align.weight:
         return None, None
     visual = load_image_encoder(cfg.align, cfg.text_encoder, cfg.pretrained)
-    size = visual.preprocess_cfg["size"]
-    probe = encode_patches(visual, torch.zeros(1, 3, *((size, size) if isinstance(size, int) else size)))
+    probe = encode_patches(visual, torch.zeros(1, 3, *input_size(visual)))
     projector = Projector(unet.config.block_out_channels[-1], cfg.align.projector_width, probe.shape[-1])
     return Aligner(cfg.align, projector, {}, patch_grid(visual)), visual
 
 
-def attach_targets(aligner: Aligner, visual: nn.Module, dataset, folder: Path, dist) -> None:
-    """Compute (main process) or read (the others) the run's targets into ``aligner``, before the first step."""
+def attach_targets(aligner: Aligner, visual: nn.Module, dataset, folder: Path, dist, device) -> None:
+    """The run's targets into ``aligner``, before the first step: the main process computes them (on
+    ``device``) or finds them current, then every process reads the file (an error on the main process is
+    raised on every process: none waits at a barrier)."""
     from ldm.data.cache import fingerprint, module_hash
+    from ldm.distributed import main_decides
 
     key = fingerprint(dataset, module_hash(visual), "", torch.float16) | {"targets": "open_clip patch tokens"}
     path = Path(folder) / TARGETS_FILE
-    if dist.is_main_process:
-        aligner.targets = load_or_compute_targets(visual, dataset, path, key)
-    dist.wait_for_everyone()
-    if not dist.is_main_process:
-        aligner.targets = load_or_compute_targets(visual, dataset, path, key)
+
+    def make() -> str:
+        load_or_compute_targets(visual.to(device), dataset, path, key)
+        return str(path)
+
+    main_decides(dist, make)
+    aligner.targets = load_or_compute_targets(visual, dataset, path, key)
     logger.info("alignment (REPA): λ=%g for %s steps, %d target patches of width %d per image",
                 aligner.align.weight, aligner.align.steps or "all", *aligner.targets["plain"].shape[1:])
