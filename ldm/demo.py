@@ -45,11 +45,12 @@ def run_demo(out: str | Path = "demo", quick: bool = False, seed: int = 0) -> di
     The stage chain is ``ldm train all``'s (``ldm.recipe.train_chain``) with the shapes configs; the
     data (seeded shapes, no split needed) and the metrics (the shapes judge) are the demo's own.
     ``seed`` is every stage's ``train.seed`` (initial weights, data order, noise); the data stay the
-    same. The torch thread count is fixed to the machine's cores and logged: on one machine, the same
+    same. The torch thread count is fixed to the cores the process may use and logged: on one machine, the same
     command gives the same metrics.
     """
     import torch
 
+    from ldm.distributed import usable_cores
     from ldm.locations import check_ours_or_new
     from ldm.recipe import RECIPE_WRITES, stage_configs, train_chain
 
