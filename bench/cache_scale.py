@@ -128,7 +128,8 @@ def shapes_parquet(folder: Path, num: int, size: int, unique: int) -> Path:
 def overrides(workdir: Path, data, size: int, cache_dir, *extra: str, out: Path | None = None) -> list[str]:
     """The ``--set`` values of the shapes stage-2 config on ``data`` with the work folder's models."""
     return [f"data.path={data}", f"vae={workdir / 'vae'}", f"text_encoder={workdir / 'text'}",
-            f"output_dir={out or workdir / 'out'}", f"data.resolution={size}", f"cache.dir={cache_dir}", *extra]
+            f"output_dir={out or workdir / 'out'}", f"data.resolution={size}", f"cache.dir={cache_dir}",
+            "align.weight=0", *extra]  # random models here: no stage-0 CLIP to align to
 
 
 def stage_config(workdir: Path, data: str, size: int, cache_dir: str, *extra: str):
