@@ -109,11 +109,15 @@ def test_alignment_is_in_the_loss_for_the_first_steps_only(unet_overrides, tiny_
     logged, pop_log = [], A.Aligner.pop_log
     monkeypatch.setattr(A.Aligner, "pop_log", lambda self: logged.append(pop_log(self)) or logged[-1])
     final = stage2.main(_cfg(unet_overrides, "align.weight=0.5", "align.steps=3", "train.grad_accum_steps=2",
-                             f"align.encoder={tiny_open_clip_dir}"))
+                             "train.checkpoint_every=3", f"align.encoder={tiny_open_clip_dir}"))
     assert calls == [4] * 6  # 3 steps x 2 micro-batches of 4, then never again (4 steps in all)
     assert [("align_loss" in row) for row in logged] == [True, True, True, False]  # logged at every step
-    checkpoint = tmp_path / "unet" / "checkpoint-4"
-    assert (checkpoint / "model-align.safetensors").is_file()  # the projector resumes with the run
+    from ldm.checkpoint import load_state_dict
+
+    at3, at4 = (load_state_dict(tmp_path / "unet" / f"checkpoint-{k}" / "model-align.safetensors") for k in (3, 4))
+    assert all(torch.equal(at3[k], at4[k]) for k in at3)  # no gradient after step 3: the projector stays put
+    unet3, unet4 = (load_state_dict(tmp_path / "unet" / f"checkpoint-{k}" / "model-unet.safetensors") for k in (3, 4))
+    assert any(not torch.equal(unet3[k], unet4[k]) for k in unet3)  # while the U-Net trains on
     assert not any("align" in p.name for p in final.rglob("*"))  # and never ships
     assert json.loads((final / "training.json").read_text())["config"]["align"]["steps"] == 3
 
