@@ -20,6 +20,7 @@ from ldm.locations import (LocationError, check_apart, check_can_create, check_e
 SAMPLERS = ("ddim", "ddpm", "euler", "dpm++", "unipc")  # = ldm.sampling.SCHEDULERS (kept here: no torch import)
 MAX_SIZE = 2048  # ldm data --size: the largest images the built-in datasets are written at
 DIGITS = 1797  # scikit-learn's handwritten digits (ldm data digits --num)
+TEXTURE_CLASSES = 8  # ldm data textures: one class per photograph (ldm.data.textures.TEXTURES)
 STAGES = {  # ldm train <name> -> (module in train/, config class in ldm.config)
     "vae": ("train.vae", "VAEStageConfig"),
     "text-encoder": ("train.text_encoder", "TextEncoderStageConfig"),
@@ -38,6 +39,9 @@ def cmd_data(args) -> None:
         raise ArgumentValueError(f"--size {args.size}: {args.dataset} images must be {low} to {high} pixels")
     if args.dataset == "digits" and args.num is not None and args.num > DIGITS:
         raise ArgumentValueError(f"--num {args.num}: scikit-learn ships {DIGITS} digits; choose 1 to {DIGITS}")
+    if args.dataset == "textures" and args.num is not None and args.num < TEXTURE_CLASSES:
+        raise ArgumentValueError(f"--num {args.num}: textures need one image per class; choose at least "
+                                 f"{TEXTURE_CLASSES}")
     out = check_can_create(check_empty_or_new(args.out, "--out"), "--out")
     with atomic_folder(out) as tmp:  # written beside --out and renamed: a killed run leaves no half dataset
         if args.dataset == "digits":
@@ -45,6 +49,11 @@ def cmd_data(args) -> None:
 
             write_digits_dataset(tmp, size=args.size, num=args.num)
             what = "handwritten digits"
+        elif args.dataset == "textures":
+            from ldm.data.textures import write_textures_dataset
+
+            write_textures_dataset(tmp, size=args.size, num=args.num or 1600, seed=args.seed)
+            what = "photograph crops"
         else:
             from ldm.data.shapes import write_shapes_dataset
 
@@ -203,15 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Staged latent diffusion on diffusers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="write a built-in dataset: synthetic shapes, or real handwritten digits")
-    data.add_argument("dataset", choices=["shapes", "digits"],
-                      help="shapes: generated here; digits: scikit-learn's 1,797 scans (pip install -e \".[real]\")")
+    data = sub.add_parser("data", help="write a built-in dataset: synthetic shapes, real handwritten digits, or "
+                                       "crops of real photographs")
+    data.add_argument("dataset", choices=["shapes", "digits", "textures"],
+                      help="shapes: generated here; digits: scikit-learn's 1,797 scans; textures: crops of 8 "
+                           "photographs bundled in scikit-image (both: pip install -e \".[real]\")")
     data.add_argument("--out", required=True, help="a new or empty folder")
     data.add_argument("--num", type=POSITIVE, default=None,
-                      help=f"images (shapes: default 2000; digits: 1 to {DIGITS}, default all)")
+                      help=f"images (shapes: default 2000; digits: 1 to {DIGITS}, default all; textures: at least "
+                           f"{TEXTURE_CLASSES}, default 1600)")
     data.add_argument("--size", type=POSITIVE, default=32, help=f"pixels (shapes: 16 to {MAX_SIZE}; digits: 8 to "
                       f"{MAX_SIZE})")
-    data.add_argument("--seed", type=SEED, default=0, help="shapes only")
+    data.add_argument("--seed", type=SEED, default=0, help="shapes and textures")
     data.set_defaults(func=cmd_data)
 
     train = sub.add_parser("train", help="train a stage (same as accelerate launch -m train.<stage>), or all")

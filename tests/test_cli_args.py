@@ -39,6 +39,7 @@ TRAIN_ALL = "train all --data {data} --out {new}"
 ARGUMENTS = [
     ("data shapes --out {new}", "--num", "count"), ("data shapes --out {new}", "--size", "count"),
     ("data shapes --out {new}", "--seed", "seed"), ("data digits --out {new}", "--num", "count"),
+    ("data textures --out {new}", "--num", "count"), ("data textures --out {new}", "--seed", "seed"),
     ("train vae --config {config}", "--set", "override"), ("cache build --config {config}", "--set", "override"),
     ("cache verify", "--dir", "text"),
     (SAMPLE, "--num-images", "num_images"), (SAMPLE, "--steps", "count"), (SAMPLE, "--guidance", "guidance"),

@@ -156,3 +156,27 @@ def test_demo_metrics_carry_the_ceiling_and_keep_the_judge_reading(tiny_pipeline
                                                  "images)")
     withheld = {"accuracy": None, "withheld": "the shapes judge cannot read this data: ..."}
     assert judge_line(withheld, withheld) == "judge accuracy  withheld: the shapes judge cannot read this data: ..."
+
+
+def test_eval_pipeline_reads_class_captions_with_a_judge_fitted_on_the_data(tiny_pipeline_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    """Captions that name a few classes get the class judge: ceiling on half B, reading of generated images."""
+    import ldm.evaluation.pipeline as evaluation
+
+    rng = np.random.default_rng(0)
+    colours = {"a red tile": (200, 40, 40), "a blue tile": (40, 40, 200), "a dark tile": (30, 30, 30)}
+
+    def tiles(captions):
+        return np.stack([np.clip(np.array(colours[c]) + rng.normal(0, 15, (16, 16, 3)), 0, 255).astype(np.uint8)
+                         for c in captions])
+
+    captions = [list(colours)[i % 3] for i in range(60)]
+    data = _folder(tmp_path / "tiles", tiles(captions), captions)
+    monkeypatch.setattr(evaluation, "generate", lambda pipe, wanted, *args, **kw: tiles(list(wanted)))
+    out = tmp_path / "metrics.json"
+    cli(["eval", "pipeline", "--model", str(tiny_pipeline_dir), "--data", str(data), "--num", "60", "--steps", "2",
+         "--out", str(out)])
+    metrics = json.loads(out.read_text())
+    assert metrics["data_kind"] == "classes" and metrics["classifier"]["real_images"] == 30
+    assert metrics["classifier_real_accuracy"] == 1.0 and metrics["classifier_accuracy"] == 1.0
+    assert "classifier      1.00 of generated images read as their caption's class" in capsys.readouterr().out

@@ -137,14 +137,16 @@ MAX_IMAGES = 1000  # held-out pairs used by default (500 generated images)
 
 
 def data_kind(captions: list[str]) -> str | None:
-    """"shapes" or "digits" when every caption is one of that built-in data's captions, else None."""
+    """"shapes" or "digits" when every caption is one of that built-in data's captions; "classes" when the
+    captions name a few classes (``ldm.evaluation.classes.caption_classes``); else None."""
     from ldm.data.digits import label_of
+    from ldm.evaluation.classes import caption_classes
 
     if captions and all(label_of(c) is not None for c in captions):
         return "digits"
     if captions and all(SHAPES_CAPTION.match(c) for c in captions):
         return "shapes"
-    return None
+    return "classes" if caption_classes(captions) else None
 
 
 def heldout_halves(dataset: ImageCaptionDataset, num: int, seed: int) -> tuple[dict, dict]:
@@ -230,6 +232,8 @@ def evaluate_pipeline(model: str, data: DataConfig, num: int | None = None, seed
     metrics["heldout_loss"] = diffusion_loss(pipe, data, seed=seed)
     if kind == "digits":
         metrics |= digits_reading(generated, real_a, real_b, size)
+    elif kind == "classes":
+        metrics |= classes_reading(generated, real_a, real_b)
     elif kind == "shapes":  # the judge reads its own held-out prompts; its ceiling is this data's real images
         real = judge_real(np.concatenate([to_uint8(real_a["pixel_values"]), to_uint8(real_b["pixel_values"])]),
                           list(real_a["caption"]) + list(real_b["caption"]))
@@ -252,6 +256,16 @@ def digits_reading(generated: np.ndarray, real_a: dict, real_b: dict, size: int)
             "classifier": reading}
 
 
+def classes_reading(generated: np.ndarray, real_a: dict, real_b: dict) -> dict:
+    """The class classifier on the generated images of A's captions: fitted with A's real images, checked on B's."""
+    from ldm.evaluation.classes import judge_classes
+
+    fit, check = ((to_uint8(half["pixel_values"]), list(half["caption"])) for half in (real_a, real_b))
+    reading = judge_classes(generated, list(real_a["caption"]), fit, check)
+    return {"classifier_accuracy": reading["accuracy"], "classifier_real_accuracy": reading["real_accuracy"],
+            "classifier": reading}
+
+
 def summary_lines(metrics: dict) -> list[str]:
     """The report's lines for ``evaluate_pipeline``'s metrics (the CLI and ``ldm train all`` print them)."""
     lines = [f"features        {metrics.get('features')}"]
@@ -266,8 +280,9 @@ def summary_lines(metrics: dict) -> list[str]:
                  f"loss {metrics['heldout_loss']:.4f}")
     if "classifier_accuracy" in metrics:
         c = metrics["classifier"]
+        things, thing = ("digits", "digit") if metrics.get("data_kind") == "digits" else ("images", "class")
         lines.append(f"classifier      withheld: {c['withheld']}" if c["accuracy"] is None else
-                     f"classifier      {c['accuracy']:.2f} of generated digits read as their caption's digit "
+                     f"classifier      {c['accuracy']:.2f} of generated {things} read as their caption's {thing} "
                      f"(its ceiling: {ceiling_text(c)})")
     if "judge_accuracy" in metrics:
         j = metrics["judge"]
