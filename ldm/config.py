@@ -457,6 +457,9 @@ class DreamBoothConfig:
     instance_prompt: str = ""  # the identifier prompt, e.g. "a large red sks circle in the center on a gray background"
     prior_preservation: bool = True
     class_prompt: str = ""  # the same prompt without the identifier, e.g. "a large red circle in the ..."
+    # what else the base model should keep knowing: a .txt (one prompt per line) or an imagefolder (its captions);
+    # then every other class image is generated (and trained on) with one of these prompts instead
+    prior_prompts: str | None = None
     num_class_images: int = 100
     prior_loss_weight: float = 1.0  # λ in L = L_instance + λ·L_class
     class_data: str | None = None  # None = <output_dir>/class_images; missing images are generated there
@@ -467,6 +470,10 @@ class DreamBoothConfig:
     def __post_init__(self):
         _at_least("dreambooth.num_class_images", self.num_class_images, 1)
         _number("dreambooth.prior_loss_weight", self.prior_loss_weight, 0)
+        _check(self.prior_prompts is None or bool(self.prior_prompts.strip()), "dreambooth.prior_prompts",
+               "must be a .txt file (one prompt per line), an imagefolder with metadata.jsonl, or null")
+        _check(self.prior_prompts is None or self.prior_preservation, "dreambooth.prior_prompts",
+               "is set but dreambooth.prior_preservation is false (set it to true, or remove the prompts)")
         _check(self.class_data is None or bool(self.class_data.strip()), "dreambooth.class_data",
                "must be a folder or null")
         _at_least("dreambooth.class_steps", self.class_steps, 1)

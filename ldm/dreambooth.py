@@ -11,6 +11,11 @@ beside the instance images, so the class prompt keeps producing the class, not t
 Batches: B instance examples, then B class examples (B = train.batch_size); example k of an epoch pairs
 instance image k mod N_inst with class image k mod N_class, each with its own seed for every draw.
 
+With ``dreambooth.prior_prompts`` (a .txt of prompts, or an imagefolder whose captions the base model was
+trained on) the prior covers more than the class: class image i is generated for the class prompt when i
+is even and for prior prompt ⌊i/2⌋ mod P when i is odd, and is trained on with the prompt that made it, so
+the model keeps what it knew beyond the class (the "forgetting" a single class prompt does not prevent).
+
 Class images are generated once into ``dreambooth.class_data`` (default ``<output_dir>/class_images``), an
 imagefolder with ``metadata.jsonl`` and a manifest ``dreambooth.json`` of what made them (hashes of the
 base pipeline's models, prompt, sampler settings, resolution, first seed). Image i always comes from seed
@@ -81,6 +86,8 @@ def check_inputs(cfg: UNetStageConfig) -> None:
                               f"; DreamBooth needs at least 1 image of the subject")
     if not db.prior_preservation:
         return
+    if db.prior_prompts is not None:
+        read_prior_prompts(db.prior_prompts)
     paths = {"class_data": class_folder(cfg).resolve(), "instance_data": folder.resolve()}
     if paths["class_data"] == paths["instance_data"]:
         raise DreamBoothError(f"dreambooth.class_data {class_folder(cfg)} is the instance folder; class images "
@@ -93,6 +100,34 @@ def check_inputs(cfg: UNetStageConfig) -> None:
                                   f"<output_dir>/class_images)")
 
 
+def read_prior_prompts(source: str) -> list[str]:
+    """The distinct prompts (first-seen order) of a .txt file (one per line) or an imagefolder's
+    ``metadata.jsonl`` ("text" column)."""
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "metadata.jsonl").is_file():
+        prompts = [json.loads(line).get("text", "") for line in (path / "metadata.jsonl").read_text().splitlines()
+                   if line.strip()]
+    elif path.is_file():
+        prompts = path.read_text(encoding="utf-8").splitlines()
+    else:
+        raise DreamBoothError(f"dreambooth.prior_prompts {path} is neither a file nor a folder with metadata.jsonl; "
+                              f"give a .txt with one prompt per line, or the imagefolder the base model was trained on")
+    prompts = list(dict.fromkeys(p.strip() for p in prompts if isinstance(p, str) and p.strip()))
+    if not prompts:
+        raise DreamBoothError(f"dreambooth.prior_prompts {path} holds no prompts (empty lines and captions are "
+                              f"skipped)")
+    return prompts
+
+
+def class_prompts(db, start: int, stop: int) -> list[str]:
+    """The prompt of class images ``start``..``stop-1``: the class prompt, or with prior prompts P_0..P_{n-1}
+    the class prompt for even i and P_{⌊i/2⌋ mod n} for odd i."""
+    if db.prior_prompts is None:
+        return [db.class_prompt] * (stop - start)
+    prior = read_prior_prompts(db.prior_prompts)
+    return [db.class_prompt if i % 2 == 0 else prior[(i // 2) % len(prior)] for i in range(start, stop)]
+
+
 def class_folder(cfg: UNetStageConfig) -> Path:
     return Path(cfg.dreambooth.class_data or Path(cfg.output_dir) / "class_images").expanduser()
 
@@ -103,9 +138,10 @@ def class_folder(cfg: UNetStageConfig) -> Path:
 def class_manifest(cfg: UNetStageConfig, parts) -> dict:
     """What makes the class images: the base models' hashes, the prompt and every sampling setting."""
     db = cfg.dreambooth
-    return {"class_prompt": db.class_prompt, "base_model": str(cfg.pretrained), "resolution": cfg.data.resolution,
-            "sampler": "dpm++", "steps": db.class_steps, "guidance_scale": db.class_guidance,
-            "first_seed": db.class_seed,
+    prior = {} if db.prior_prompts is None else {"prior_prompts": read_prior_prompts(db.prior_prompts)}
+    return {"class_prompt": db.class_prompt, **prior, "base_model": str(cfg.pretrained),
+            "resolution": cfg.data.resolution, "sampler": "dpm++", "steps": db.class_steps,
+            "guidance_scale": db.class_guidance, "first_seed": db.class_seed,
             "models": {name: module_hash(getattr(parts, name)) for name in ("vae", "text_encoder", "unet")}}
 
 
@@ -156,8 +192,9 @@ def _own_class_images(folder: Path, needed: int) -> Path:
 
 
 def _check_manifest(old: dict, new: dict, folder: Path) -> None:
-    """Same prompt, settings and model weights (the base model's path may move: its hashes decide)."""
-    differ = [key for key in new if key != "base_model" and old.get(key) != new[key]]
+    """Same prompts, settings and model weights (the base model's path may move: its hashes decide)."""
+    keys = [*new, *(key for key in old if key not in new)]
+    differ = [key for key in keys if key != "base_model" and old.get(key) != new.get(key)]
     if differ:
         models = [name for name in new["models"] if (old.get("models") or {}).get(name) != new["models"][name]]
         was = [f"{k}={old.get(k)!r}" for k in differ if k != "models"]
@@ -179,7 +216,8 @@ def listed_images(folder: Path) -> list[str]:
 @torch.no_grad()
 def generate_class_images(cfg: UNetStageConfig, parts, folder: Path, start: int, stop: int, device,
                           batch_size: int = 25) -> None:
-    """Images ``start``..``stop-1`` of the class prompt; image i from its own generator seeded class_seed + i."""
+    """Class images ``start``..``stop-1`` (prompts: ``class_prompts``); image i from its own generator seeded
+    class_seed + i."""
     from ldm.models.unet import make_pipeline
     from ldm.sampling import make_scheduler
 
@@ -189,14 +227,16 @@ def generate_class_images(cfg: UNetStageConfig, parts, folder: Path, start: int,
         for first in tqdm(range(start, stop, batch_size), desc="class images"):
             indices = range(first, min(first + batch_size, stop))
             generators = [torch.Generator().manual_seed(db.class_seed + i) for i in indices]
-            images = pipe(db.class_prompt, num_images_per_prompt=len(indices), height=size, width=size,
-                          num_inference_steps=db.class_steps, guidance_scale=db.class_guidance,
-                          generator=generators, output_type="np").images
-            for i, image in zip(indices, images):
+            prompts = class_prompts(db, indices.start, indices.stop)
+            one_prompt = db.prior_prompts is None  # one prompt, repeated: the batch of a single-prompt run
+            images = pipe(prompts[0] if one_prompt else prompts, num_images_per_prompt=len(indices) if one_prompt
+                          else 1, height=size, width=size, num_inference_steps=db.class_steps,
+                          guidance_scale=db.class_guidance, generator=generators, output_type="np").images
+            for i, image, prompt in zip(indices, images, prompts):
                 name = f"{i:05d}.png"
                 Image.fromarray((image * 255).round().astype(np.uint8)).save(folder / f".{name}.tmp", format="PNG")
                 os.replace(folder / f".{name}.tmp", folder / name)
-                meta.write(json.dumps({"file_name": name, "text": db.class_prompt, "seed": db.class_seed + i}) + "\n")
+                meta.write(json.dumps({"file_name": name, "text": prompt, "seed": db.class_seed + i}) + "\n")
                 meta.flush()
 
 
@@ -210,12 +250,13 @@ def class_example_seed(seed: int) -> int:
 
 class DreamBoothPairs(Dataset):
     """Item ``(k, seed)``: instance image k mod N_inst with the instance prompt, and (with prior
-    preservation) class image k mod N_class with the class prompt."""
+    preservation) class image k mod N_class with the class prompt, or with its own caption (the prompt
+    that generated it) when ``own_captions``."""
 
     def __init__(self, instances: ImageCaptionDataset, classes: ImageCaptionDataset | None, instance_prompt: str,
-                 class_prompt: str, length: int):
+                 class_prompt: str, length: int, own_captions: bool = False):
         self.instances, self.classes, self.length = instances, classes, length
-        self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
+        self.instance_prompt, self.class_prompt, self.own_captions = instance_prompt, class_prompt, own_captions
 
     def __len__(self) -> int:
         return self.length
@@ -225,8 +266,8 @@ class DreamBoothPairs(Dataset):
         instance = self.instances[(k % len(self.instances), seed)] | {"caption": self.instance_prompt}
         if self.classes is None:
             return instance, None
-        other = self.classes[(k % len(self.classes), class_example_seed(seed))] | {"caption": self.class_prompt}
-        return instance, other
+        other = self.classes[(k % len(self.classes), class_example_seed(seed))]
+        return instance, other if self.own_captions else other | {"caption": self.class_prompt}
 
 
 def collate_pairs(items: list[tuple[dict, dict | None]]) -> dict:
@@ -242,17 +283,20 @@ def training_batches(accelerator, cfg: UNetStageConfig, start: int):
     db, train = cfg.dreambooth, cfg.train
     data = dataclasses.replace(cfg.data, path=str(db.instance_data), max_samples=None)
     instances = ImageCaptionDataset(data, need_captions=False)
-    classes = None
+    classes, own_captions = None, False
     if db.prior_preservation:
         folder = class_folder(cfg)
-        classes = ImageCaptionDataset(dataclasses.replace(data, path=str(folder), max_samples=db.num_class_images),
-                                      need_captions=False)
+        own_captions = db.prior_prompts is not None and (folder / MANIFEST).exists()  # generated here, per prompt
+        classes = ImageCaptionDataset(dataclasses.replace(data, path=str(folder), max_samples=db.num_class_images,
+                                                          caption_column="text"), need_captions=own_captions)
     length = max(len(instances), len(classes or ()), train.batch_size * accelerator.num_processes)
-    pairs = DreamBoothPairs(instances, classes, db.instance_prompt, db.class_prompt, length)
+    pairs = DreamBoothPairs(instances, classes, db.instance_prompt, db.class_prompt, length, own_captions)
     sampler = ResumableBatchSampler([list(range(length))], train.batch_size, train.seed, accelerator.process_index,
                                     accelerator.num_processes, start=start)
     loader = DataLoader(pairs, batch_sampler=sampler, collate_fn=collate_pairs, num_workers=cfg.data.num_workers)
     source = (f"DreamBooth: {len(instances)} instance image(s) as {db.instance_prompt!r}" +
-              (f" + {len(classes)} class images as {db.class_prompt!r} (prior_loss_weight {db.prior_loss_weight:g})"
+              (f" + {len(classes)} class images as {db.class_prompt!r}" +
+               (f" and {db.prior_prompts}'s prompts" if own_captions else "") +
+               f" (prior_loss_weight {db.prior_loss_weight:g})"
                if classes is not None else ", no prior preservation") + ", encoded every step")
     return iter(loader), source

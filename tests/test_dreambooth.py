@@ -322,3 +322,56 @@ def test_the_instance_folder_inside_output_dir_is_refused(tmp_path, tiny_pipelin
     (tmp_path / "db" / "subject").mkdir(parents=True)
     with pytest.raises(ConfigError, match="overlaps dreambooth.instance_data"):
         _cfg(tmp_path, tiny_pipeline_dir, tmp_path / "db" / "subject")
+
+
+# --------------------------------------------------------------------------------------------
+# Prior prompts: the prior covers what the base model knew beyond the class
+# --------------------------------------------------------------------------------------------
+def test_prior_prompts_alternate_with_the_class_prompt_and_train_under_their_own_prompt(tmp_path, tiny_pipeline_dir,
+                                                                                        rings):
+    from types import SimpleNamespace
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small blue square in the top left on a white background\n\n"
+                       "a large green cross in the center on a black background\n"
+                       "a small blue square in the top left on a white background\n")  # blank and repeated: skipped
+    cfg = _cfg(tmp_path, tiny_pipeline_dir, rings, f"dreambooth.prior_prompts={prompts}",
+               "dreambooth.num_class_images=5", "train.batch_size=5")
+    folder = dreambooth.prepare_class_images(cfg, _parts(cfg), "cpu")
+    square, cross = prompts.read_text().splitlines()[0], prompts.read_text().splitlines()[2]
+    texts = [json.loads(line)["text"] for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert texts == [CLASS, square, CLASS, cross, CLASS]
+    assert json.loads((folder / dreambooth.MANIFEST).read_text())["prior_prompts"] == [square, cross]
+
+    batches, source = dreambooth.training_batches(SimpleNamespace(num_processes=1, process_index=0), cfg, 0)
+    batch = next(batches)
+    prior = batch["prior"].tolist()
+    assert prior == [False] * 5 + [True] * 5 and "prompts.txt's prompts" in source
+    assert sorted(c for c, p in zip(batch["caption"], prior) if p) == sorted(texts)  # each under its own prompt
+    assert {c for c, p in zip(batch["caption"], prior) if not p} == {INSTANCE}
+
+    prompts.write_text("a small red triangle in the bottom right on a gray background\n")
+    with pytest.raises(dreambooth.DreamBoothError, match="generated with other prior_prompts"):
+        dreambooth.prepare_class_images(cfg, _parts(cfg), "cpu")
+
+
+def test_prior_prompts_can_be_the_captions_of_an_imagefolder(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": t}) + "\n"
+                                                   for i, t in enumerate(["a cat", "a dog", "a cat", " "])))
+    assert dreambooth.read_prior_prompts(str(folder)) == ["a cat", "a dog"]
+    with pytest.raises(dreambooth.DreamBoothError, match="neither a file nor a folder with metadata.jsonl"):
+        dreambooth.read_prior_prompts(str(tmp_path / "nowhere"))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(dreambooth.DreamBoothError, match="holds no prompts"):
+        dreambooth.read_prior_prompts(str(tmp_path / "empty.txt"))
+
+
+def test_bad_prior_prompts_are_refused_before_any_work(tmp_path, tiny_pipeline_dir, rings):
+    with pytest.raises(dreambooth.DreamBoothError, match=r"prior_prompts .*nowhere.txt is neither"):
+        stage2.main(_cfg(tmp_path, tiny_pipeline_dir, rings, f"dreambooth.prior_prompts={tmp_path / 'nowhere.txt'}"))
+    assert not (tmp_path / "db").exists()
+    with pytest.raises(ConfigError, match="dreambooth.prior_prompts is set but dreambooth.prior_preservation is false"):
+        _cfg(tmp_path, tiny_pipeline_dir, rings, "dreambooth.prior_preservation=false", "dreambooth.class_prompt=''",
+             f"dreambooth.prior_prompts={tmp_path}")
