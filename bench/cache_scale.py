@@ -159,7 +159,7 @@ def build_worker(args) -> None:
 
     from ldm.data.images import ImageCaptionDataset
     from ldm.models.unet import load_components
-    from train.unet import latent_cache
+    from ldm.data.cache import latent_cache
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
@@ -170,7 +170,7 @@ def build_worker(args) -> None:
     dataset = ImageCaptionDataset(cfg.data)
     state.wait_for_everyone()
     start = time.perf_counter()
-    latent_cache(state, cfg, dataset, parts)
+    latent_cache(state, cfg.cache, cfg.output_dir, dataset, parts)
     if state.is_main_process:
         Path(args.out).write_text(json.dumps({"seconds": time.perf_counter() - start,
                                               "processes": state.num_processes}))
@@ -202,7 +202,7 @@ def rss_worker(args) -> None:
     from ldm.data.shards import Shard
     from ldm.models.text import encode_prompts
     from ldm.models.unet import load_components
-    from train.unet import training_loss
+    from ldm.diffusion_batch import training_loss
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

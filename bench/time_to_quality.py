@@ -10,7 +10,7 @@ rate, LR schedule, min-SNR and EMA, and are evaluated at the same points of thei
     20 steps, EMA weights (what ships);
   - validation loss: ``ldm.evaluation.heldout`` on held-out latents at fixed timesteps and noise.
 The sides differ where the approaches differ:
-  - ours: ``train.unet.training_loss`` on the latent cache, caption dropout, the shapes config's
+  - ours: ``ldm.diffusion_batch.training_loss`` on the latent cache, caption dropout, the shapes config's
     timestep sampling and weighting;
   - example (``examples/text_to_image/train_text_to_image.py``, see bench/reference_trainer.py): PNG
     decode + VAE + text encoder inside every step, no caption dropout, uniform timesteps. It gets

@@ -48,7 +48,7 @@ class OursStep:
         from ldm.models.text import encode_prompts
         from ldm.ema import EMA
         from ldm.training import TrainerState, make_lr_scheduler
-        from train.unet import posterior_moments
+        from ldm.models.vae import posterior_moments
 
         self.parts, self.unet, self.cfg, train = parts, unet, cfg, cfg.train
         dataset = ImageCaptionDataset(cfg.data)
@@ -74,7 +74,7 @@ class OursStep:
 
     def __call__(self) -> None:
         from ldm.training import seed_step
-        from train.unet import training_loss
+        from ldm.diffusion_batch import training_loss
 
         train, state, p = self.cfg.train, self.state, self.parts
         seed_step(train.seed, state.step, 0)

@@ -26,13 +26,15 @@ from ldm.checkpoint import load_state_dict
 from ldm.cli import main as cli
 from ldm.config import UNetStageConfig, load_config
 import ldm.data.cache as cache_module
-from ldm.data.cache import CacheInUseError, build_cache, cache_status, fingerprint, module_hash, plan_shards
+from ldm.data.cache import (CacheInUseError, build_cache, cache_status, fingerprint, latent_cache, module_hash,
+                            plan_shards)
 from ldm.data.cached import CachedLatentDataset, check_cache, read_manifest
 import ldm.data.images as images_module
 from ldm.data.images import ImageCaptionDataset, image_name
 from ldm.data.shards import DamagedCacheError
 from ldm.models.text import encode_prompts
 from ldm.models.unet import load_components
+from ldm.models.vae import posterior_moments
 from test_unet_stage import logged
 from train import unet as stage2
 
@@ -58,7 +60,7 @@ def _build(cfg, folder, dtype=torch.float32, shard_size=10, encode_images=None):
     parts = load_components(cfg)
     dataset = ImageCaptionDataset(cfg.data)
     fp = fingerprint(dataset, module_hash(parts.vae), module_hash(parts.text_encoder), dtype)
-    build_cache(folder, dataset, fp, encode_images or (lambda x: stage2.posterior_moments(parts.vae, x)),
+    build_cache(folder, dataset, fp, encode_images or (lambda x: posterior_moments(parts.vae, x)),
                 lambda t: encode_prompts(parts.text_encoder, parts.tokenizer, t), dtype=dtype, shard_size=shard_size)
     return dataset, fp
 
@@ -155,7 +157,7 @@ def test_an_interrupted_build_continues_from_its_finished_shards(unet_overrides,
         calls.append(len(pixels))
         if len(calls) == 3:
             raise KeyboardInterrupt  # killed while encoding the third shard
-        return stage2.posterior_moments(parts.vae, pixels)
+        return posterior_moments(parts.vae, pixels)
 
     with pytest.raises(KeyboardInterrupt):
         _build(cfg, tmp_path / "cache", encode_images=failing_after_two_shards)
@@ -167,7 +169,7 @@ def test_an_interrupted_build_continues_from_its_finished_shards(unet_overrides,
 
     def counting(pixels):
         calls.append(len(pixels))
-        return stage2.posterior_moments(parts.vae, pixels)
+        return posterior_moments(parts.vae, pixels)
 
     _build(cfg, tmp_path / "cache", encode_images=counting)
     assert calls == [10, 10, 8]  # shards 2, 3, 4 of 10, 10, 10, 10, 8 examples: the first two were kept
@@ -328,7 +330,7 @@ def test_a_build_killed_while_committing_keeps_its_shards(unet_overrides, tmp_pa
 
     def counting(pixels):
         calls.append(len(pixels))
-        return stage2.posterior_moments(parts.vae, pixels)
+        return posterior_moments(parts.vae, pixels)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # killed after the manifest is written, before the rename
@@ -381,7 +383,7 @@ def test_a_build_killed_at_any_step_of_its_commit_keeps_every_shard(unet_overrid
     encoded = []
 
     def build(folder):
-        build_cache(folder, dataset, fp, lambda x: encoded.append(len(x)) or stage2.posterior_moments(parts.vae, x),
+        build_cache(folder, dataset, fp, lambda x: encoded.append(len(x)) or posterior_moments(parts.vae, x),
                     lambda t: encode_prompts(parts.text_encoder, parts.tokenizer, t), shard_size=10)
 
     build(tmp_path / "fresh")
@@ -458,7 +460,8 @@ def test_a_run_on_a_prebuilt_cache_opens_no_image(unet_overrides, shapes16, tmp_
     fresh = ImageCaptionDataset(_cfg(shared).data)  # opens every image again
     adopted = ImageCaptionDataset(_cfg(shared).data, check=False)
     decoded.clear()
-    stage2.latent_cache(None, _cfg(shared), adopted, load_components(_cfg(shared)))
+    cfg = _cfg(shared)
+    latent_cache(None, cfg.cache, cfg.output_dir, adopted, load_components(cfg))
     assert decoded == [] and (adopted.valid, adopted.sizes, adopted.skipped) == (fresh.valid, fresh.sizes, [broken])
 
 

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 
 from ldm.config import ConfigError, DiffusionConfig, UNetStageConfig, load_config
 from ldm.losses import diffusion as D
-from train.unet import loss_weight
+from ldm.losses.denoising import loss_weight
 
 ALPHAS = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
 

@@ -11,6 +11,7 @@ from ldm.data.cache import CachedLatentDataset, build_cache, collate_cached, fin
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.models.text import encode_prompts
 from ldm.models.unet import load_components
+from ldm.models.vae import posterior_moments
 from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 from train import unet as stage2
 
@@ -52,7 +53,7 @@ def _cache_setup(unet_overrides, tmp_path, *extra):
     parts = load_components(cfg)
     dataset = ImageCaptionDataset(cfg.data)
     fp = fingerprint(dataset, module_hash(parts.vae), module_hash(parts.text_encoder), torch.float32)
-    folder = build_cache(tmp_path / "cache", dataset, fp, lambda x: stage2.posterior_moments(parts.vae, x),
+    folder = build_cache(tmp_path / "cache", dataset, fp, lambda x: posterior_moments(parts.vae, x),
                          lambda t: encode_prompts(parts.text_encoder, parts.tokenizer, t))
     return cfg, parts, dataset, folder, fp
 
@@ -117,7 +118,7 @@ def test_cache_fingerprint_invalidation(unet_overrides, tmp_path, caplog):
     for other in changed:
         assert other != fp and not is_current(folder, other)
     caplog.set_level("INFO")
-    build_cache(folder, dataset, changed[0], lambda x: stage2.posterior_moments(parts.vae, x),
+    build_cache(folder, dataset, changed[0], lambda x: posterior_moments(parts.vae, x),
                 lambda t: encode_prompts(parts.text_encoder, parts.tokenizer, t))
     assert "rebuilding" in caplog.text and (folder / "manifest.json").stat().st_mtime_ns != stamp
     assert json.loads((folder / "manifest.json").read_text())["fingerprint"] == changed[0]
@@ -186,7 +187,7 @@ def test_training_latents_subtract_the_vae_shift_factor(unet_overrides):
     empty = encode_prompts(parts.text_encoder, parts.tokenizer, [""])[0]
     keys = [(i, i) for i in range(4)]
     batch = collate([dataset[k] for k in keys])
-    mean, logvar = stage2.posterior_moments(parts.vae, batch["pixel_values"])
+    mean, logvar = posterior_moments(parts.vae, batch["pixel_values"])
     text = encode_prompts(parts.text_encoder, parts.tokenizer, batch["caption"])
     cached = {"mean": mean, "logvar": logvar, "text": text, "seed": batch["seed"]}
     args = (parts.text_encoder, parts.tokenizer, empty, parts.scheduler.alphas_cumprod, cfg.diffusion,

@@ -19,16 +19,15 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
 from ldm.config import UNetStageConfig
+from ldm.data.cache import latent_cache
 from ldm.data.cached import read_manifest
 from ldm.data.images import ImageCaptionDataset
 from ldm.entry import stage_entry
 from ldm.errors import UserError
 from ldm.models.unet import Components, load_frozen_encoders, vae_scale_factor
 from ldm.training import setup_logging
-from train.unet import latent_cache
 
 logger = logging.getLogger("train.cache")
-
 
 def main(cfg: UNetStageConfig) -> Path:
     """Build (or find current) the cache of ``cfg`` with every launched process; return its folder."""
@@ -50,14 +49,13 @@ def main(cfg: UNetStageConfig) -> Path:
         raise UserError(f"data.buckets {bad}: sides must be multiples of the VAE's downsampling factor {f}")
     dataset = ImageCaptionDataset(cfg.data, check=False)  # checked by the build, split; not at all if current
     parts = Components(vae.to(state.device), text_encoder.to(state.device), tokenizer, None, None)
-    folder = latent_cache(state, cfg, dataset, parts)
+    folder = latent_cache(state, cfg.cache, cfg.output_dir, dataset, parts)
     if state.is_main_process:
         manifest = read_manifest(folder)
         size = sum(r["bytes"] for r in manifest["shards"])
         logger.info("latent cache %s: %d examples in %d shards, %.1f MB (%s)", folder, manifest["examples"],
                     len(manifest["shards"]), size / 1e6, manifest["dtype"])
     return folder
-
 
 if __name__ == "__main__":
     stage_entry("UNetStageConfig", main)

@@ -3,16 +3,12 @@
     ldm train unet --config configs/unet/shapes.yaml --set vae=OUT/vae/final --set text_encoder=OUT/te/final
     accelerate launch -m train.unet --config configs/unet/shapes.yaml ...
 
-One optimizer step; every random draw is made per example (``ExampleRNG``), in this order:
-  0. z  = (μ + σ·ε_z − shift) · s  latent from the VAE posterior moments (cached or fresh), s = scaling_factor
-  1. t  ~ U{0, …, T−1}, or by diffusion.timestep_sampling (logit-normal, Laplace on log SNR)
-  2. ε  ~ N(0, I)                   (+ offset noise: a per-channel δ ~ N(0, I), draw 3; with
-                                    diffusion.immiscible_noise the batch's ε are then matched to the z)
-  4. u  ~ U[0, 1); c = c_∅ if u < p  caption dropout: the empty prompt's embedding, for CFG
+One optimizer step: for each micro-batch, L = ``ldm.diffusion_batch.training_loss`` (its per-example draws
+z, t, ε, caption dropout, then ``ldm.losses.denoising.denoising_losses``:
   x_t = √ā_t z + √(1−ā_t) ε;  L = w(SNR_t) · ‖f_θ(x_t, t, c) − target‖²   (+ λ L_vlb with learned variance)
-Because the cache stores exactly the moments a fresh encode computes, and the draws do not depend
-on where the latents came from, cached and uncached runs give the same losses (exactly with
-cache.dtype float32; float16/bfloat16 storage moves them by its rounding).
+with w from diffusion.loss_weighting / min_snr_gamma), + λ·L_REPA while alignment is on; then one update.
+Cached and uncached batches give the same losses (exactly with cache.dtype float32; float16/bfloat16
+storage moves them by its rounding): see ``ldm.diffusion_batch``.
 """
 
 from __future__ import annotations
@@ -28,22 +24,22 @@ from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_folder
 from ldm import dreambooth
-from ldm.config import DiffusionConfig, UNetStageConfig
-from ldm.data.cache import STORAGE_DTYPES, build_cache, fingerprint, module_hash
+from ldm.config import UNetStageConfig
+from ldm.data.cache import latent_cache
 from ldm.data.cached import CachedLatentDataset, collate_cached
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
 from ldm.data.streaming import StreamingImageCaptions
+from ldm.diffusion_batch import training_loss
 from ldm.ema import EMA, SNAPSHOTS, PowerEMA
 from ldm.entry import stage_entry
-from ldm.evaluation.heldout import encode_heldout, heldout_data_config, heldout_loss
-from ldm.losses import diffusion as D
+from ldm.evaluation.heldout import encode_heldout, heldout_data_config, heldout_loss, heldout_weighting
+from ldm.losses.denoising import describe_weighting
 from ldm.models.alignment import attach_targets, build_aligner
 from ldm.models.text import encode_prompts
 from ldm.models.unet import (load_components, parameter_groups, save_pipeline, trainable_parameters,
                              vae_scale_factor)
-from ldm.models.vae import normalize_latents
-from ldm.training import (Checkpointer, ExampleRNG, apply_update, gradient_sync,
+from ldm.training import (Checkpointer, apply_update, gradient_sync,
                           log_batch_geometry, make_accelerator, make_lr_scheduler, new_state, seed_step,
                           write_summary)
 
@@ -190,9 +186,11 @@ def power_ema(cfg: UNetStageConfig, unet, device) -> PowerEMA | None:
 
 def heldout_set(cfg: UNetStageConfig, parts, text_encoder):
     """A function returning the held-out (latents, text states): encoded once, or at every call when the text
-    encoder is trained (its states change)."""
-    v = cfg.validation
+    encoder is trained (its states change). Logs which weighting the validation loss uses."""
+    v, prediction_type = cfg.validation, parts.scheduler.config.prediction_type
     data = heldout_data_config(cfg.data, v.data, v.loss_samples)
+    logger.info("validation loss weighted %s (the training loss: %s)", describe_weighting(heldout_weighting(),
+                prediction_type), describe_weighting(cfg.diffusion, prediction_type))
 
     def encode():
         return encode_heldout(data, parts.vae, text_encoder, parts.tokenizer)
@@ -267,87 +265,8 @@ def training_data(accelerator, cfg: UNetStageConfig, dataset, parts):
             logger.info("the text encoder is trained: no cache, images and captions are encoded every step")
         dataset.check(accelerator, cfg.cache.shard_size)
         return dataset, collate
-    folder = latent_cache(accelerator, cfg, dataset, parts)
+    folder = latent_cache(accelerator, cfg.cache, cfg.output_dir, dataset, parts)
     return CachedLatentDataset(folder, dataset, in_memory=cfg.cache.in_memory), collate_cached
-
-
-def latent_cache(dist, cfg: UNetStageConfig, dataset, parts) -> Path:
-    """The cache folder for ``cfg``: reused when its fingerprint matches (``dataset`` then takes the image check
-    the cache recorded), else built by every process of ``dist`` (each checks and encodes its share of the
-    shards; ``ldm.data.cache.build_cache``)."""
-    vae, text_encoder, tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
-    dtype = STORAGE_DTYPES[cfg.cache.dtype]
-    fp = fingerprint(dataset, module_hash(vae), module_hash(text_encoder), dtype)
-    return build_cache(Path(cfg.cache.dir or Path(cfg.output_dir) / "cache"), dataset, fp,
-                       encode_images=lambda x: posterior_moments(vae, x),
-                       encode_texts=lambda texts: encode_prompts(text_encoder, tokenizer, texts), dtype=dtype,
-                       shard_size=cfg.cache.shard_size, dist=dist)
-
-
-@torch.no_grad()
-def posterior_moments(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(μ, log σ²) of q(z|x), encoded in fp32 (the VAE is never autocast)."""
-    with torch.autocast(pixels.device.type, enabled=False):
-        dist = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist
-    return dist.mean, dist.logvar
-
-
-def training_loss(unet, batch: dict, vae, text_encoder, tokenizer, empty_text: torch.Tensor,
-                  alphas_cumprod: torch.Tensor, d: DiffusionConfig, schedule,
-                  prior_loss_weight: float = 1.0) -> torch.Tensor:
-    """The diffusion loss of one micro-batch, from cached moments or from pixels (same draws either way):
-    the mean over its examples, or for a DreamBooth batch (``prior`` marks its class examples) the instance
-    mean + prior_loss_weight x the class mean (``ldm.dreambooth.dreambooth_loss``).
-
-    ``schedule`` is the noise scheduler's config: its prediction_type and variance_type define the task.
-    A text encoder with trainable weights encodes the captions with gradients ("" where dropped).
-    """
-    device, prediction_type = alphas_cumprod.device, schedule.prediction_type
-    cached = "mean" in batch
-    f = vae_scale_factor(vae)
-    shape = batch["mean"].shape[1:] if cached else (vae.config.latent_channels,
-                                                    *(s // f for s in batch["pixel_values"].shape[2:]))
-    rng = ExampleRNG(batch["seed"])
-    eps_z = rng.randn(shape, device)  # 0.
-    t = (rng.randint(len(alphas_cumprod), device) if d.timestep_sampling == "uniform" else  # 1.
-         D.sample_timesteps(rng.rand(device), alphas_cumprod, d.timestep_sampling, d.timestep_loc, d.timestep_scale))
-    noise = rng.randn(shape, device)  # 2.
-    if d.offset_noise:
-        noise = D.offset_noise(noise, rng.randn((shape[0], 1, 1), device), d.offset_noise)  # 3.
-    dropped = rng.rand(device) < d.caption_dropout  # 4.
-
-    if cached:
-        mean, logvar, text = (batch[k].to(device, torch.float32) for k in ("mean", "logvar", "text"))  # stored dtype
-    else:
-        mean, logvar = posterior_moments(vae, batch["pixel_values"])
-    if any(p.requires_grad for p in text_encoder.parameters()):  # trained: encode "" for dropped captions
-        captions = ["" if drop else c for drop, c in zip(dropped.tolist(), batch["caption"])]
-        text = encode_prompts(text_encoder, tokenizer, captions, warn=False, grad=True)
-    else:
-        if not cached:
-            text = encode_prompts(text_encoder, tokenizer, batch["caption"], warn=False)
-        text = torch.where(dropped[:, None, None], empty_text.to(text.dtype), text)
-    z = normalize_latents(mean + (0.5 * logvar).exp() * eps_z, vae.config)
-    if d.immiscible_noise:
-        noise = D.immiscible_noise(z, noise)
-    a_t = alphas_cumprod[t]
-    x_t = D.add_noise(z, noise, a_t)
-    output = unet(x_t, t, encoder_hidden_states=text).sample
-    weight = loss_weight(D.snr(a_t), d, prediction_type)
-    if schedule.variance_type == "learned_range":
-        losses = D.hybrid_loss(output, z, noise, t, alphas_cumprod, prediction_type, d.vlb_weight, weight)  # (B,)
-    else:
-        losses = D.simple_loss(output, D.diffusion_target(z, noise, a_t, prediction_type), weight)  # (B,)
-    if "prior" in batch:
-        return dreambooth.dreambooth_loss(losses, batch["prior"].to(device), prior_loss_weight)
-    return losses.mean()
-
-
-def loss_weight(snr_t: torch.Tensor, d: DiffusionConfig, prediction_type: str) -> torch.Tensor | None:
-    """w(t) of diffusion.loss_weighting: min-SNR-γ (none when γ is null) or debiased 1/√SNR."""
-    if d.loss_weighting == "debiased":
-        return D.debiased_weight(snr_t, prediction_type)
-    return D.min_snr_weight(snr_t, d.min_snr_gamma, prediction_type) if d.min_snr_gamma else None
 
 
 @torch.no_grad()

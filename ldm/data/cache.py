@@ -221,6 +221,23 @@ def build_cache(folder: str | Path, dataset: ImageCaptionDataset, fp: dict,
     return folder
 
 
+def latent_cache(dist, cache, output_dir: str | Path, dataset: ImageCaptionDataset, parts) -> Path:
+    """The cache folder for the ``cache.*`` section (``cache.dir``, else ``<output_dir>/cache``): reused when its
+    fingerprint matches (``dataset`` then takes the image check the cache recorded), else built by every process
+    of ``dist`` (each checks and encodes its share of the shards, ``build_cache``) with the frozen encoders of
+    ``parts`` (its vae, text_encoder and tokenizer)."""
+    from ldm.models.text import encode_prompts
+    from ldm.models.vae import posterior_moments
+
+    vae, text_encoder, tokenizer = parts.vae, parts.text_encoder, parts.tokenizer
+    dtype = STORAGE_DTYPES[cache.dtype]
+    fp = fingerprint(dataset, module_hash(vae), module_hash(text_encoder), dtype)
+    return build_cache(Path(cache.dir or Path(output_dir) / "cache"), dataset, fp,
+                       encode_images=lambda x: posterior_moments(vae, x),
+                       encode_texts=lambda texts: encode_prompts(text_encoder, tokenizer, texts), dtype=dtype,
+                       shard_size=cache.shard_size, dist=dist)
+
+
 REASONS = {"absent": "does not exist yet", "stale": "was made by other models or data",
            "damaged": "is damaged (a shard is missing, truncated or unreadable)"}
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ldm.config import DataConfig
 from ldm.data.images import DataError, ImageCaptionDataset, collate
-from ldm.losses import diffusion as D
+from ldm.losses.denoising import Weighting, denoising_losses
 from ldm.models.text import encode_prompts
 from ldm.models.vae import normalize_latents
 
@@ -42,15 +42,22 @@ def heldout_loss(unet, latents: torch.Tensor, text: torch.Tensor, alphas_cumprod
     """L_val = mean_{i,k} w·‖f_θ(x_ik, t_k, c_i) − target_ik‖² on fixed t_k and ε_ik (see the module docstring).
 
     latents: (N, C, h, w) normalised posterior means; text: (N, L, D); alphas_cumprod: (T,) ā of the training
-    schedule. w = 1, or Min-SNR(γ) as in training when ``min_snr_gamma`` is set. A learned-variance U-Net's
+    schedule. w = 1, or Min-SNR(γ) as in training when ``min_snr_gamma`` is set (``heldout_weighting``); each
+    term is ``ldm.losses.denoising.denoising_losses``, the training loss's. A learned-variance U-Net's
     prediction is its first C output channels. The model's train/eval mode is restored afterwards; the global
     RNGs are not touched.
     """
     n, channels = latents.shape[:2]
     device = next(unet.parameters()).device
+    weighting = heldout_weighting(min_snr_gamma)
+    alphas = alphas_cumprod.to(device, torch.float32)  # (T,)
     t_all = fixed_timesteps(len(alphas_cumprod), num_timesteps)  # (K,)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_timesteps, *latents.shape), generator=generator)  # (K, N, C, h, w), drawn on the CPU
+
+    def predict(x_t, t, c):
+        return unet(x_t, t, encoder_hidden_states=c).sample[:, :channels]
+
     was_training, total = unet.training, torch.zeros((), dtype=torch.float64)
     unet.eval()
     try:
@@ -58,18 +65,18 @@ def heldout_loss(unet, latents: torch.Tensor, text: torch.Tensor, alphas_cumprod
             for start in range(0, n, batch_size):
                 z = latents[start:start + batch_size].to(device, torch.float32)  # (B, C, h, w)
                 eps = noise[k, start:start + batch_size].to(device)
-                a_t = alphas_cumprod[t].to(device, torch.float32)  # ()
-                x_t = D.add_noise(z, eps, a_t)
                 steps = torch.full((z.shape[0],), t, device=device, dtype=torch.long)
-                output = unet(x_t, steps, encoder_hidden_states=text[start:start + batch_size].to(device)).sample
-                weight = None
-                if min_snr_gamma:
-                    weight = D.min_snr_weight(D.snr(a_t), min_snr_gamma, prediction_type).expand(z.shape[0])
-                loss = D.simple_loss(output[:, :channels], D.diffusion_target(z, eps, a_t, prediction_type), weight)
+                c = text[start:start + batch_size].to(device)
+                loss = denoising_losses(predict, z, c, steps, eps, alphas, prediction_type, weighting)  # (B,)
                 total += loss.double().sum().cpu()  # (B,) -> ()
     finally:
         unet.train(was_training)
     return float(total / (n * num_timesteps))
+
+
+def heldout_weighting(min_snr_gamma: float | None = None) -> Weighting:
+    """The held-out loss's w: uniform unless ``min_snr_gamma`` asks for min-SNR-γ (``describe_weighting``)."""
+    return Weighting("min_snr", min_snr_gamma)
 
 
 def heldout_data_config(data: DataConfig, path: str, num: int) -> DataConfig:

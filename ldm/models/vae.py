@@ -77,7 +77,15 @@ class AutoencoderWithLogvar(nn.Module):
 
 
 @torch.no_grad()
-def posterior_moments(vae: AutoencoderKL, batches: Iterable[torch.Tensor]) -> tuple[float, float, int]:
+def posterior_moments(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, log σ²) of q(z|x) for images (B, 3, H, W), encoded in fp32 (the VAE is never autocast)."""
+    with torch.autocast(pixels.device.type, enabled=False):
+        dist = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist
+    return dist.mean, dist.logvar
+
+
+@torch.no_grad()
+def latent_statistics(vae: AutoencoderKL, batches: Iterable[torch.Tensor]) -> tuple[float, float, int]:
     """Over all latent elements: (E[μ], E[μ² + σ²], count) of q(z|x), accumulated in float64."""
     total_mean, total_sq, count = 0.0, 0.0, 0
     device = next(vae.parameters()).device
@@ -102,7 +110,7 @@ def calibrate_scaling_factor(vae: AutoencoderKL, batches: Iterable[torch.Tensor]
     """
     was_training = vae.training
     vae.eval()
-    mean, second, count = posterior_moments(vae, batches)
+    mean, second, count = latent_statistics(vae, batches)
     vae.train(was_training)
     std = max(second - mean * mean, 0.0) ** 0.5
     if not std > 0:
