@@ -34,11 +34,11 @@ ALL = "[attention,feed_forward,resnet,time_embedding]"
 # name -> overrides of configs/unet/finetune.yaml (as shipped on the day of the run)
 RECIPES = {
     "shipped": [],
-    # diffusers examples/text_to_image/train_text_to_image_lora.py: rank 4 on to_q/k/v/out, lr 1e-4,
-    # constant schedule, frozen text encoder, no min-SNR weighting, no EMA
+    # diffusers examples/text_to_image/train_text_to_image_lora.py as its README runs it: rank 4 on
+    # to_q/k/v/out, lr 1e-4, constant schedule without warmup, frozen text encoder, no min-SNR weighting, no EMA
     "diffusers": ["lora.rank=4", "lora.alpha=4", "lora.targets=[attention]", "lora.train_text_encoder=false",
-                  "train.learning_rate=1e-4", "train.lr_schedule=constant", "diffusion.min_snr_gamma=null",
-                  "train.ema_decay=null"],
+                  "train.learning_rate=1e-4", "train.lr_schedule=constant", "train.lr_warmup_steps=0",
+                  "diffusion.min_snr_gamma=null", "train.ema_decay=null"],
     "attn-r8-lr1e-3": ["lora.rank=8", "lora.targets=[attention]", "lora.train_text_encoder=false",
                        "train.learning_rate=1e-3"],
     "all-r16-lr1e-3": ["lora.rank=16", f"lora.targets={ALL}", "lora.train_text_encoder=false",

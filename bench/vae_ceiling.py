@@ -2,9 +2,13 @@
 round trip. No U-Net trained on a VAE's latents can score above its round trip.
 
     python bench/vae_ceiling.py demo/vae/final [demo/vae/checkpoint-1000 ...]
+    python bench/vae_ceiling.py demo/pipeline/vae --heldout runs/ft/data/heldout   # real data of your own
 
 Each argument is a saved VAE folder or a stage-1 checkpoint (its EMA weights, or with --raw its raw ones). Prints the
-project judge's and the real-image classifier's accuracy on round trips of 500 single-shape images.
+project judge's and the real-image classifier's accuracy on round trips of 500 single-shape images; with
+--heldout, the data's own judge (digit classifier or class judge, as `ldm eval pipeline` picks it: fitted
+on the real images of held-out half A, ceiling on half B) on round trips of half A's images. That is the
+ceiling of any fine-tune of a U-Net on this VAE's latents for that data.
 """
 
 from __future__ import annotations
@@ -60,12 +64,40 @@ def round_trip_accuracy(vae, classifier, num: int = 500, size: int = 32) -> dict
             "psnr": float(10 * torch.log10(4 / (x_hat.clamp(-1, 1) - x).square().mean()))}
 
 
+@torch.no_grad()
+def heldout_round_trip(vae, folder: str, num: int = 1000) -> dict:
+    """The data's own judge on round trips of held-out half A (``ldm eval pipeline``'s halves and judges)."""
+    from ldm.config import DataConfig
+    from ldm.data.images import ImageCaptionDataset
+    from ldm.evaluation.pipeline import classes_reading, data_kind, digits_reading, heldout_halves, to_uint8
+
+    size = vae.config.sample_size
+    dataset = ImageCaptionDataset(DataConfig(path=folder, resolution=size))
+    real_a, real_b = heldout_halves(dataset, num, seed=0)
+    x = real_a["pixel_values"]
+    x_hat = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample for c in x.split(100)]).clamp(-1, 1)
+    kind = data_kind(list(real_a["caption"]) + list(real_b["caption"]))
+    if kind not in ("digits", "classes"):
+        raise SystemExit(f"{folder}: its captions are neither digits nor a few classes; no judge to read them")
+    read = digits_reading(to_uint8(x_hat), real_a, real_b, size) if kind == "digits" else \
+        classes_reading(to_uint8(x_hat), real_a, real_b)
+    return {"judge": read["classifier_accuracy"], "ceiling": read["classifier_real_accuracy"],
+            "psnr": float(10 * torch.log10(4 / (x_hat - x).square().mean())), "kind": kind}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("vaes", nargs="+")
     parser.add_argument("--weights", default="outputs/shapes_classifier.safetensors")
     parser.add_argument("--raw", action="store_true", help="a checkpoint's raw weights instead of its EMA")
+    parser.add_argument("--heldout", help="an imagefolder of held-out digits or class-captioned images")
     args = parser.parse_args()
+    if args.heldout:
+        for path in args.vaes:
+            r = heldout_round_trip(load_vae(path, args.raw), args.heldout)
+            print(f"{path}: round trips of {args.heldout} read right by its {r['kind']} judge {r['judge']:.3f} "
+                  f"(real images {r['ceiling']:.3f}), PSNR {r['psnr']:.2f} dB")
+        return
     classifier = load_or_train(args.weights)
     for path in args.vaes:
         r = round_trip_accuracy(load_vae(path, args.raw), classifier)
