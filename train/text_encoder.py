@@ -36,6 +36,7 @@ from ldm.checkpoint import atomic_folder
 from ldm.config import TextEncoderStageConfig
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
+from ldm.data.split import split_heldout_positions
 from ldm.ema import EMA
 from ldm.entry import stage_entry
 from ldm.evaluation.retrieval import evaluate_clip, swap_attribute
@@ -48,13 +49,6 @@ from ldm.training import (Checkpointer, ExampleRNG, apply_update, gradient_sync,
 logger = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # τ ≤ 100, as in CLIP
 NEGATIVE_SALT = 0x4E4547  # the hard-negative choice's own random stream
-
-
-def split_held_out(total: int, held_out: int) -> tuple[list[int], list[int]]:
-    """(train positions, held-out positions): the last ``held_out`` pairs are never trained on."""
-    if held_out >= total:
-        raise ValueError(f"eval_samples={held_out} leaves no training pairs out of {total}; lower eval_samples")
-    return list(range(total - held_out)), list(range(total - held_out, total))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -162,7 +156,7 @@ def prepare_data(cfg: TextEncoderStageConfig):
     Every caption is checked once against the context length: one warning if any is truncated.
     """
     dataset = ImageCaptionDataset(cfg.data)
-    train_positions, held_out = split_held_out(len(dataset), cfg.eval_samples)
+    train_positions, held_out = split_heldout_positions(len(dataset), cfg.eval_samples)
     tokenizer = build_clip_tokenizer(cfg.model.text_context_length)
     captions = list(dataset.records[cfg.data.caption_column])
     warn_if_truncated(tokenizer, [captions[i] for i in dataset.valid])
