@@ -221,7 +221,7 @@ if os.environ.get("HIDE_FROM_MAIN") and rank == 0:
 
 from ldm.entry import stage_entry
 from train.cache import main
-stage_entry("UNetStageConfig", main)
+stage_entry("unet", main)
 """
 
 

@@ -207,4 +207,4 @@ def save_final(accelerator, cfg: TextEncoderStageConfig, model, ema, clip_config
 
 
 if __name__ == "__main__":
-    stage_entry("TextEncoderStageConfig", main)
+    stage_entry("text_encoder", main)

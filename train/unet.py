@@ -289,4 +289,4 @@ def _millions(params) -> float:
 
 
 if __name__ == "__main__":
-    stage_entry("UNetStageConfig", main)
+    stage_entry("unet", main)

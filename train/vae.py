@@ -252,4 +252,4 @@ def _millions(module: torch.nn.Module) -> float:
 
 
 if __name__ == "__main__":
-    stage_entry("VAEStageConfig", main)
+    stage_entry("vae", main)
