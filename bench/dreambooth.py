@@ -132,7 +132,7 @@ def main() -> None:
     from ldm.dreambooth import prepare_class_images
     from ldm.models.unet import load_components
     from ldm.sampling import load_pipeline
-    from ldm.training import to_pil_grid
+    from ldm.grid import to_pil_grid
     from ldm.stages import STAGES
 
     out = Path(args.out)

@@ -14,8 +14,8 @@ from ldm.arguments import (POSITIVE, SEED, SIGMA_REL, ArgumentValueError, clip_s
                            whole)
 from ldm.entry import add_config_args, load_stage_config
 from ldm.errors import run_reporting_bad_input
-from ldm.locations import (LocationError, check_apart, check_can_create, check_empty_or_new, check_ours_or_new,
-                           local_or_hub, model_location)
+from ldm.locations import (LORA_FILE, LocationError, check_apart, check_can_create, check_empty_or_new,
+                           check_ours_or_new, local_or_hub, model_location)
 from ldm.stages import COMMANDS
 
 SAMPLERS = ("ddim", "ddpm", "euler", "dpm++", "unipc")  # = ldm.sampling.SCHEDULERS (kept here: no torch import)
@@ -98,7 +98,7 @@ def cmd_sample(args) -> None:
 
 
 EVAL_MARKERS = {"vae": ("config.json", "vae/config.json"), "text-encoder": ("open_clip/open_clip_config.json",),
-                "pipeline": ("model_index.json", "pytorch_lora_weights.safetensors")}
+                "pipeline": ("model_index.json", LORA_FILE)}
 EVAL_MIN_NUM = {"vae": 1, "text-encoder": 2, "pipeline": 4}  # retrieval needs 2 pairs; FD and KID 2 per half
 
 

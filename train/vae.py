@@ -27,12 +27,13 @@ from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
 from ldm.ema import EMA
 from ldm.entry import stage_entry
+from ldm.grid import save_grid
 from ldm.losses import vae as L
 from ldm.models.discriminator import PatchDiscriminator
 from ldm.models.vae import (AutoencoderWithLogvar, build_vae, calibrate_scaling_factor, downsampling_factor,
                             save_vae)
 from ldm.training import (Checkpointer, ExampleRNG, apply_update, gradient_sync, log_batch_geometry,
-                          make_accelerator, make_lr_scheduler, new_state, save_grid, seed_step)
+                          make_accelerator, make_lr_scheduler, new_state, seed_step)
 
 logger = logging.getLogger("train.vae")
 
