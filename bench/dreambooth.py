@@ -132,8 +132,8 @@ def main() -> None:
     from ldm.dreambooth import prepare_class_images
     from ldm.models.unet import load_components
     from ldm.sampling import load_pipeline
-    from ldm.training import to_pil_grid
-    from train import unet as stage2
+    from ldm.grid import to_pil_grid
+    from ldm.stages import STAGES
 
     out = Path(args.out)
     classifier = None
@@ -162,7 +162,7 @@ def main() -> None:
     prepare_class_images(cfg, load_components(cfg), "cpu")
     class_seconds = time.time() - start
     start = time.time()
-    final = stage2.main(cfg)
+    final = STAGES["unet"].main(cfg)
     train_seconds = time.time() - start
     after, inst1, cls1 = measure(load_pipeline(final, device="cpu"), args.num, classifier)
     print("after:", json.dumps(after))

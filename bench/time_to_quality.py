@@ -153,7 +153,8 @@ def time_to(curve: list[dict], threshold: float) -> float | None:
 
 def run(args, seed: int, workdir: Path) -> list[Side]:
     from ldm.config import DataConfig
-    from ldm.evaluation.heldout import encode_heldout, heldout_data_config
+    from ldm.data.split import heldout_data_config
+    from ldm.evaluation.heldout import encode_heldout
     from ldm.models.unet import build_unet, load_components
 
     _, _, cfg = shapes_configs()

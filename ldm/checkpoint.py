@@ -24,7 +24,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -33,12 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ldm import locks
 from ldm.errors import UserError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: no lock
-    fcntl = None
 
 logger = logging.getLogger(__name__)
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -61,22 +56,18 @@ def lock_output_dir(output_dir: str | Path) -> None:
 
     Two runs writing one folder would replace and rotate away each other's checkpoints. The lock is
     re-entrant within a process (stages run one after another in tests and the demo) and released by
-    the kernel when the process ends, however it ends.
+    the kernel when the process ends, however it ends (``ldm.locks``).
     """
     root = Path(output_dir).resolve()
-    if fcntl is None or root in _held_locks:
+    if root in _held_locks:
         return
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise OutputDirInUseError(f"output_dir {output_dir} is in use by another run ({holder}); wait for it to "
-                                  f"finish or choose another output_dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    _held_locks[root] = fd
+        fd = locks.hold(root / LOCK)
+    except locks.LockHeld as held:
+        raise OutputDirInUseError(f"output_dir {output_dir} is in use by another run ({held.holder}); wait for it "
+                                  f"to finish or choose another output_dir") from None
+    if fd is not None:
+        _held_locks[root] = fd
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,18 +14,14 @@ from ldm.arguments import (POSITIVE, SEED, SIGMA_REL, ArgumentValueError, clip_s
                            whole)
 from ldm.entry import add_config_args, load_stage_config
 from ldm.errors import run_reporting_bad_input
-from ldm.locations import (LocationError, check_apart, check_can_create, check_empty_or_new, check_ours_or_new,
-                           local_or_hub, model_location)
+from ldm.locations import (LORA_FILE, LocationError, check_apart, check_can_create, check_empty_or_new,
+                           check_ours_or_new, local_or_hub, model_location)
+from ldm.stages import COMMANDS
 
 SAMPLERS = ("ddim", "ddpm", "euler", "dpm++", "unipc")  # = ldm.sampling.SCHEDULERS (kept here: no torch import)
 MAX_SIZE = 2048  # ldm data --size: the largest images the built-in datasets are written at
 DIGITS = 1797  # scikit-learn's handwritten digits (ldm data digits --num)
 TEXTURE_CLASSES = 8  # ldm data textures: one class per photograph (ldm.data.textures.TEXTURES)
-STAGES = {  # ldm train <name> -> (module in train/, config class in ldm.config)
-    "vae": ("train.vae", "VAEStageConfig"),
-    "text-encoder": ("train.text_encoder", "TextEncoderStageConfig"),
-    "unet": ("train.unet", "UNetStageConfig"),
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,13 +60,9 @@ def cmd_data(args) -> None:
 
 
 def cmd_train(args) -> None:
-    import importlib
-
-    from ldm import config as config_module
-
-    module_name, class_name = STAGES[args.stage]
-    cfg = load_stage_config(getattr(config_module, class_name), args)
-    importlib.import_module(module_name).main(cfg)
+    stage = COMMANDS[args.stage]
+    cfg = load_stage_config(stage.config, args)  # checked before the stage module is imported
+    stage.main(cfg)
 
 
 def cmd_train_all(args) -> None:
@@ -115,7 +107,7 @@ def cmd_sample(args) -> None:
 
 
 EVAL_MARKERS = {"vae": ("config.json", "vae/config.json"), "text-encoder": ("open_clip/open_clip_config.json",),
-                "pipeline": ("model_index.json", "pytorch_lora_weights.safetensors")}
+                "pipeline": ("model_index.json", LORA_FILE)}
 EVAL_MIN_NUM = {"vae": 1, "text-encoder": 2, "pipeline": 4}  # retrieval needs 2 pairs; FD and KID 2 per half
 
 
@@ -228,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a stage (same as accelerate launch -m train.<stage>), or all")
     stages = train.add_subparsers(dest="stage", required=True)
-    for name in STAGES:
+    for name in COMMANDS:
         stage = stages.add_parser(name, help=f"train stage {name} from a YAML config")
         add_config_args(stage)
         stage.set_defaults(func=cmd_train)

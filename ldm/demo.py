@@ -53,6 +53,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, seed: int = 0) -> di
     from ldm.distributed import usable_cores
     from ldm.locations import check_ours_or_new
     from ldm.recipe import RECIPE_WRITES, stage_configs, train_chain
+    from ldm.stages import STAGES
 
     start, sizes = time.time(), QUICK if quick else FULL
     out = check_ours_or_new(out, "--out", is_demo_folder, RECIPE_WRITES, "ldm demo")  # same folders as train all
@@ -60,7 +61,7 @@ def run_demo(out: str | Path = "demo", quick: bool = False, seed: int = 0) -> di
     torch.set_num_threads(threads)
     logger.info("ldm demo: seed %d, %d torch thread(s) for stage 2 and evaluation", seed, threads)
     extra = {stage: QUICK_OVERRIDES if quick else DEMO_OVERRIDES.get(stage, [])
-             for stage in ("vae", "text_encoder", "unet")}
+             for stage in STAGES}
     quick_only = {"vae": ["calibration_samples=16"], "text_encoder": ["eval_samples=16"],
                   "unet": ["validation.every=2"]}
     overrides = {stage: [*extra[stage], *(quick_only[stage] if quick else []), f"train.seed={seed}"]

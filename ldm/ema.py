@@ -347,7 +347,8 @@ def sweep_sigma_rel(model_dir: str | Path, sigma_rels: list[float], data: str | 
     from diffusers import DDPMScheduler
 
     from ldm.config import UNetStageConfig, from_dict
-    from ldm.evaluation.heldout import encode_heldout, heldout_data_config, heldout_loss
+    from ldm.data.split import heldout_data_config
+    from ldm.evaluation.heldout import encode_heldout, heldout_loss
     from pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 
     final = Path(model_dir) / "final"

@@ -12,20 +12,22 @@ import argparse
 from ldm.errors import run_reporting_bad_input
 
 
-def stage_entry(config_class_name: str, main, argv: list[str] | None = None):
-    """Parse ``--config/--set/--resume``, load the named stage config and call ``main(cfg)``.
+def stage_entry(stage: str, main, argv: list[str] | None = None):
+    """Parse ``--config/--set/--resume``, load the config of ``stage`` (a name in ``ldm.stages.STAGES``) and call
+    ``main(cfg)``.
 
     Bad input, in the config or found by the stage before it trains (a missing data or VAE folder, a
     folder without metadata.jsonl), exits with ``error: <message>`` and status 2, as ``ldm`` does.
     """
-    from ldm import config as config_module
+    from ldm.stages import STAGES
 
-    parser = argparse.ArgumentParser(description=f"train a stage from a YAML config ({config_class_name})")
+    config_class = STAGES[stage].config
+    parser = argparse.ArgumentParser(description=f"train a stage from a YAML config ({config_class.__name__})")
     add_config_args(parser)
     args = parser.parse_args(argv)
 
     def run():
-        return main(load_stage_config(getattr(config_module, config_class_name), args))
+        return main(load_stage_config(config_class, args))
 
     return run_reporting_bad_input(run)
 

@@ -33,12 +33,11 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from ldm.checkpoint import atomic_folder
 from ldm.errors import UserError
-from ldm.locations import LocationError, check_repo_id, check_revision, check_writable
+from ldm.locations import LORA_FILE, LocationError, check_repo_id, check_revision, check_writable
 
 logger = logging.getLogger(__name__)
 PIPELINE_FILE = "pipeline_latent_diffusion.py"
 PIPELINE_CLASS = "LatentDiffusionPipeline"
-LORA_FILE = "pytorch_lora_weights.safetensors"
 CARD_TAG = "diffusers-ldm"
 ALLOW = ("model_index.json", PIPELINE_FILE, LORA_FILE, "training.json", "samples.png",
          "{component}/config.json", "{component}/*.safetensors", "{component}/*.safetensors.index.json",

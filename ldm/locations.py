@@ -18,6 +18,7 @@ from ldm.errors import UserError
 
 # git's rules for branch names (git check-ref-format), which the Hub applies to revisions
 _BAD_REVISION = re.compile(r"^[-/.]|\.\.|//|@\{|[\x00-\x20\x7f~^:?*\[\\]|/\.|\.lock$|\.lock/|[/.]$|^@$")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # a LoRA folder: these adapter weights + training.json (base model)
 
 
 class LocationError(UserError, ValueError):

@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Callable
 
 from ldm.checkpoint import atomic_folder
-from ldm.config import (ConfigError, DataConfig, TextEncoderStageConfig, UNetStageConfig, VAEStageConfig, load_config,
-                        to_dict)
+from ldm.config import ConfigError, DataConfig, load_config, to_dict
 from ldm.distributed import usable_cores
+from ldm.stages import STAGES
 
 logger = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = ("cpu", "gpu-256", "gpu-512")
-STAGES = {"vae": VAEStageConfig, "text_encoder": TextEncoderStageConfig, "unet": UNetStageConfig}
 MARKER = "recipe-stage.json"
 MAX_HELDOUT = 1000  # a fractional --heldout takes at most this many pairs
 GRID_PROMPTS, GRID_IMAGES = 10, 4  # the sample grid: held-out captions x images per caption
@@ -79,16 +78,18 @@ def train_chain(out: Path, train_dir: Path, configs: dict[str, Path], overrides:
 
     ``text_encoder``: "train" for stage 0, else a CLIPTextModel folder or Hub id used as it is.
     """
-    from train import text_encoder as stage0, unet as stage2, vae as stage1
 
     def config(stage: str, extra: list[str] = ()):
-        return load_config(STAGES[stage], configs[stage], [f"data.path={train_dir}", f"output_dir={out / stage}",
-                                                           *extra, *overrides.get(stage, [])])
+        return load_config(STAGES[stage].config, configs[stage], [f"data.path={train_dir}",
+                                                                  f"output_dir={out / stage}", *extra,
+                                                                  *overrides.get(stage, [])])
 
-    jobs = [(stage1.main, config("vae"))] + ([(stage0.main, config("text_encoder"))] if text_encoder == "train" else [])
+    jobs = [(STAGES["vae"].main, config("vae"))] + \
+        ([(STAGES["text_encoder"].main, config("text_encoder"))] if text_encoder == "train" else [])
     finals = run_once_side_by_side(*jobs)
     vae, text = finals[0], (finals[1] if text_encoder == "train" else text_encoder)
-    unet_final = run_once_side_by_side((stage2.main, config("unet", [f"vae={vae}", f"text_encoder={text}"])))[0]
+    unet_job = (STAGES["unet"].main, config("unet", [f"vae={vae}", f"text_encoder={text}"]))
+    unet_final = run_once_side_by_side(unet_job)[0]
     pipeline = out / "pipeline"
     with atomic_folder(pipeline) as tmp:
         shutil.copytree(unet_final, tmp, dirs_exist_ok=True)
@@ -193,11 +194,11 @@ def check_recipe_inputs(data: str, out: Path, preset: str, text_encoder: str, ov
         model_location(text_encoder, "--text-encoder", "text_encoder/config.json", "text encoder")
     configs, per_stage = preset_configs(preset), split_overrides(overrides)
     text = str(out / "text_encoder" / "final") if text_encoder == "train" else text_encoder
-    for stage, cls in STAGES.items():
+    for stage, entry in STAGES.items():
         if stage != "text_encoder" or text_encoder == "train":
             paths = [f"vae={out / 'vae' / 'final'}", f"text_encoder={text}"] if stage == "unet" else []
-            load_config(cls, configs[stage], [f"data.path={out / 'data' / 'train'}", f"output_dir={out / stage}",
-                                              *paths, *per_stage[stage]])
+            load_config(entry.config, configs[stage], [f"data.path={out / 'data' / 'train'}",
+                                                       f"output_dir={out / stage}", *paths, *per_stage[stage]])
     return configs, per_stage
 
 

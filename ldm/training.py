@@ -22,7 +22,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers.optimization import get_scheduler
-from PIL import Image
 
 from ldm import checkpoint as ckpt
 from ldm.config import TrainConfig, to_dict
@@ -342,25 +341,3 @@ def write_summary(folder: Path, stage: str, cfg, state: TrainerState, accelerato
     summary = {"stages": stages, "base_model": base_model, "datasets": hub_data, "config": to_dict(cfg)}
     (Path(folder) / "training.json").write_text(json.dumps(summary, indent=1))
     return Path(folder) / "training.json"
-
-
-# --------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------
-def to_pil_grid(images: torch.Tensor, nrow: int) -> Image.Image:
-    """(N, 3, H, W) in [-1, 1] -> one PIL image with ``nrow`` images per row."""
-    images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    n, _, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.zeros(3, rows * h, nrow * w, dtype=torch.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = images[i]
-    return Image.fromarray(grid.permute(1, 2, 0).numpy())
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil_grid(images, nrow).save(path)
-    return path

@@ -221,7 +221,7 @@ if os.environ.get("HIDE_FROM_MAIN") and rank == 0:
 
 from ldm.entry import stage_entry
 from train.cache import main
-stage_entry("UNetStageConfig", main)
+stage_entry("unet", main)
 """
 
 
@@ -349,11 +349,12 @@ def test_a_build_killed_while_committing_keeps_its_shards(unet_overrides, tmp_pa
 def test_the_lock_file_is_removed_safely_when_a_job_opened_it_just_before(tmp_path, monkeypatch):
     """Job B opens the lock file, job A (the holder) releases and deletes it, then B locks the deleted file: B must
     notice and lock the file now at the path, or a third job could build beside it."""
+    from ldm import locks
     from ldm.data import cache_lock
 
     folder, path = tmp_path / "cache", tmp_path / ".cache.lock"
     holder = cache_lock.lock_build(folder)
-    real_flock, locked = cache_lock.fcntl.flock, []
+    real_flock, locked = locks.fcntl.flock, []
 
     def flock_after_the_holder_lets_go(fd, how):
         if not locked:  # B has opened the file; now A releases it (deletes it, then closes it)
@@ -361,7 +362,7 @@ def test_the_lock_file_is_removed_safely_when_a_job_opened_it_just_before(tmp_pa
         locked.append(fd)
         return real_flock(fd, how)
 
-    monkeypatch.setattr(cache_lock.fcntl, "flock", flock_after_the_holder_lets_go)
+    monkeypatch.setattr(locks.fcntl, "flock", flock_after_the_holder_lets_go)
     b = cache_lock.lock_build(folder)
     monkeypatch.undo()
     assert len(locked) == 2 and locked[1] == b  # locked the deleted file, saw it, opened the path again

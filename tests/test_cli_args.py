@@ -277,27 +277,27 @@ def test_every_argument_of_every_command_is_in_the_table():
 # python -m train.<stage>: input errors that are not config errors are one line too, before any work
 # --------------------------------------------------------------------------------------------
 STAGE_CASES = [
-    ("train.vae", "VAEStageConfig", "--config {config} --set data.path={new}/data", "data.path", "does not exist"),
-    ("train.vae", "VAEStageConfig", "--config {config} --set train.batch_size=0", "train.batch_size", ">= 1"),
-    ("train.text_encoder", "TextEncoderStageConfig", "--config {config} --set data.path=./missing", "data.path",
+    ("train.vae", "vae", "--config {config} --set data.path={new}/data", "data.path", "does not exist"),
+    ("train.vae", "vae", "--config {config} --set train.batch_size=0", "train.batch_size", ">= 1"),
+    ("train.text_encoder", "text_encoder", "--config {config} --set data.path=./missing", "data.path",
      "does not exist"),
-    ("train.unet", "UNetStageConfig", "--config {config} --set vae={new}/vae --set text_encoder={pipe}", "vae",
+    ("train.unet", "unet", "--config {config} --set vae={new}/vae --set text_encoder={pipe}", "vae",
      "does not exist"),
-    ("train.cache", "UNetStageConfig", "--config {config} --set vae={pipe} --set text_encoder={pipe}", "vae",
+    ("train.cache", "unet", "--config {config} --set vae={pipe} --set text_encoder={pipe}", "vae",
      "is not a VAE folder"),
-    ("train.unet", "UNetStageConfig", "--config {config} --resume {new}/checkpoint-2", "--resume", "latest, never"),
+    ("train.unet", "unet", "--config {config} --resume {new}/checkpoint-2", "--resume", "latest, never"),
 ]
 
 
-@pytest.mark.parametrize("module, config_class, command, argument, allowed", STAGE_CASES,
+@pytest.mark.parametrize("module, stage, command, argument, allowed", STAGE_CASES,
                          ids=[f"{c[0]} {c[3]}" for c in STAGE_CASES])
-def test_stage_entry_input_errors(places, capsys, module, config_class, command, argument, allowed):
+def test_stage_entry_input_errors(places, capsys, module, stage, command, argument, allowed):
     import importlib
 
     from ldm.entry import stage_entry
 
     main = importlib.import_module(module).main
-    entry = (lambda argv: stage_entry(config_class, main, argv))
+    entry = (lambda argv: stage_entry(stage, main, argv))
     assert_refused(in_process(argv_of(command, places), capsys, entry), places, argument, allowed)
 
 

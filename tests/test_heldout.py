@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ldm.config import DiffusionConfig, UNetModelConfig, UNetStageConfig, load_config
-from ldm.evaluation.heldout import encode_heldout, fixed_timesteps, heldout_data_config, heldout_loss
+from ldm.data.split import heldout_data_config
+from ldm.evaluation.heldout import encode_heldout, fixed_timesteps, heldout_loss
 from ldm.losses import diffusion as D
 from ldm.models.unet import build_noise_scheduler, build_unet, load_components
 

@@ -1,4 +1,6 @@
-"""Import structure: no module in train/ imports the CLI, and the project's modules form no import circle.
+"""Import structure: no module in train/ imports the CLI, the project's modules form no import circle, and the
+layers point one way: only the command layer of ldm/ reaches train/, and no stage script or bench imports a
+stage script (bench/ and train/cache.py take stage 2's pieces from ldm/, not from train/unet.py).
 
 Read from the source with `ast` (every import statement, function-local ones included), so nothing is imported.
 """
@@ -86,5 +88,44 @@ def test_stage_entry_parses_and_calls(tmp_path):
 
     config = tmp_path / "vae.yaml"
     config.write_text(f"output_dir: {tmp_path / 'out'}\n")
-    cfg = stage_entry("VAEStageConfig", lambda cfg: cfg, ["--config", str(config), "--set", "train.max_steps=7"])
+    cfg = stage_entry("vae", lambda cfg: cfg, ["--config", str(config), "--set", "train.max_steps=7"])
     assert cfg.train.max_steps == 7 and str(cfg.output_dir) == str(tmp_path / "out")
+
+
+COMMAND_LAYER = {"ldm.cli", "ldm.demo", "ldm.recipe", "ldm.stages"}  # above train/: they may import it
+
+
+def _train_imports(path):
+    return sorted(n for n in imported_names(path) if n == "train" or n.startswith("train."))
+
+
+def test_the_library_below_the_command_layer_never_imports_train():
+    modules = project_modules()
+    assert COMMAND_LAYER <= set(modules)
+    offenders = {name: _train_imports(path) for name, path in modules.items()
+                 if name.split(".")[0] == "ldm" and name not in COMMAND_LAYER}
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_benches_and_the_cache_entry_import_nothing_from_train_unet():
+    files = sorted((ROOT / "bench").glob("*.py")) + [ROOT / "train" / "cache.py"]
+    offenders = {path.relative_to(ROOT).as_posix(): [n for n in imported_names(path)
+                                                     if n == "train.unet" or n.startswith("train.unet.")]
+                 for path in files}
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_no_stage_script_or_bench_imports_a_stage_script():
+    files = sorted((ROOT / "bench").glob("*.py")) + sorted((ROOT / "train").glob("*.py"))
+    offenders = {path.relative_to(ROOT).as_posix(): _train_imports(path) for path in files}
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_the_checks_see_an_offender():
+    """The parsing the layer tests rely on catches both spellings of an import of train/unet.py."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "offender.py"
+        path.write_text("def f():\n    from train import unet\n    import train.unet as u\n")
+        assert {"train", "train.unet"} <= imported_names(path) and _train_imports(path) == ["train", "train.unet"]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from ldm.checkpoint import load_state_dict
 from ldm.config import ConfigError, LoRAConfig, UNetStageConfig, load_config
-from ldm.hub import LORA_FILE
+from ldm.locations import LORA_FILE
 from ldm.models.unet import (LORA_MODULES, add_lora, lora_modules, parameter_groups, text_lora_modules,
                              trainable_parameters)
 from ldm.sampling import load_pipeline

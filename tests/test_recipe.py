@@ -8,7 +8,8 @@ import pytest
 
 from ldm.config import load_config
 from ldm.data.split import heldout_count, split_heldout
-from ldm.recipe import PRESETS, STAGES, preset_configs, reusable, run_once_side_by_side, split_overrides
+from ldm.recipe import PRESETS, preset_configs, reusable, run_once_side_by_side, split_overrides
+from ldm.stages import STAGES
 
 QUICK = ["train.max_steps=2", "train.batch_size=8", "train.checkpoint_every=2", "train.log_every=1"]
 
@@ -32,7 +33,7 @@ def digits40(tmp_path_factory):
 
 def test_every_preset_loads_and_fits_together():
     for preset in PRESETS:
-        cfg = {stage: load_config(STAGES[stage], path) for stage, path in preset_configs(preset).items()}
+        cfg = {stage: load_config(STAGES[stage].config, path) for stage, path in preset_configs(preset).items()}
         f = 2 ** (len(cfg["vae"].model.block_out_channels) - 1)
         assert cfg["unet"].data.resolution == cfg["vae"].data.resolution and cfg["unet"].data.resolution % f == 0
         assert cfg["text_encoder"].data.resolution % cfg["text_encoder"].model.vision_patch_size == 0

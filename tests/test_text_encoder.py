@@ -357,7 +357,7 @@ def test_hard_negative_captions_swap_one_word_deterministically():
 
 
 def test_hard_negative_loss_against_hand_computation():
-    from train.text_encoder import hard_negative_loss
+    from ldm.losses.contrastive import hard_negative_loss
 
     g = torch.Generator().manual_seed(0)
     image, text, negative = (torch.nn.functional.normalize(torch.randn(3, 5, generator=g), dim=-1) for _ in range(3))
@@ -376,11 +376,12 @@ def test_hard_negative_groups_need_two_words():
 
 def test_stage0_with_hard_negatives_adds_the_term(tmp_path, monkeypatch):
     import train.text_encoder as stage
+    import ldm.losses.contrastive as contrastive
 
     write_shapes_dataset(tmp_path / "data", num=24, size=16, seed=0)
     cfg = replace(tiny_stage_config(tmp_path / "data", tmp_path / "out", max_steps=2), hard_negatives=GROUPS)
     terms = []
-    term = stage.hard_negative_loss
-    monkeypatch.setattr(stage, "hard_negative_loss", lambda *args: terms.append(term(*args)) or terms[-1])
+    term = contrastive.hard_negative_loss
+    monkeypatch.setattr(contrastive, "hard_negative_loss", lambda *args: terms.append(term(*args)) or terms[-1])
     stage.main(cfg)
     assert len(terms) == 2 and all(t.item() > 0 for t in terms)

@@ -58,4 +58,4 @@ def main(cfg: UNetStageConfig) -> Path:
     return folder
 
 if __name__ == "__main__":
-    stage_entry("UNetStageConfig", main)
+    stage_entry("unet", main)

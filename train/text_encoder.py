@@ -3,8 +3,9 @@
     ldm train text-encoder --config configs/text_encoder/shapes.yaml [--set key=value ...]
     accelerate launch -m train.text_encoder --config configs/text_encoder/shapes.yaml
 
-Image and text towers come from an open_clip model config built from ``cfg.model``; the loss is
-the symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3) with a learnable temperature:
+Image and text towers come from an open_clip model config built from ``cfg.model``; the loss
+(``ldm.losses.contrastive``) is the symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3) with a
+learnable temperature:
 
     L = ½ [CE(τ · V Tᵀ, I) + CE(τ · T Vᵀ, I)],   V, T: [B, E] unit image / text features, τ = exp(logit_scale)
 
@@ -35,9 +36,11 @@ from ldm.checkpoint import atomic_folder
 from ldm.config import TextEncoderStageConfig
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
+from ldm.data.split import split_heldout_positions
 from ldm.ema import EMA
 from ldm.entry import stage_entry
 from ldm.evaluation.retrieval import evaluate_clip, swap_attribute
+from ldm.losses.contrastive import contrastive_loss
 from ldm.models.text import (build_clip_tokenizer, build_open_clip, open_clip_config, openclip_to_clip_text,
                              save_open_clip, save_text_encoder, tokenize, warn_if_truncated)
 from ldm.training import (Checkpointer, ExampleRNG, apply_update, gradient_sync, log_batch_geometry,
@@ -48,13 +51,6 @@ MAX_LOGIT_SCALE = math.log(100)  # τ ≤ 100, as in CLIP
 NEGATIVE_SALT = 0x4E4547  # the hard-negative choice's own random stream
 
 
-def split_held_out(total: int, held_out: int) -> tuple[list[int], list[int]]:
-    """(train positions, held-out positions): the last ``held_out`` pairs are never trained on."""
-    if held_out >= total:
-        raise ValueError(f"eval_samples={held_out} leaves no training pairs out of {total}; lower eval_samples")
-    return list(range(total - held_out)), list(range(total - held_out, total))
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; gains, biases and the logit scale are not decayed (as open_clip)."""
     decay, no_decay = [], []
@@ -62,38 +58,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         skip = p.ndim < 2 or "bias" in name or "ln" in name or "logit_scale" in name
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def contrastive_loss(model, loss_fn: ClipLoss, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                     negative_ids: torch.Tensor | None = None, has_negative: torch.Tensor | None = None) -> torch.Tensor:
-    """pixel_values [B, 3, H, W] in [-1, 1], input_ids [B, L] -> scalar CLIP loss (+ the hard-negative term).
-
-    negative_ids [B, L]: each caption with one word swapped (``hard_negative_captions``), encoded in
-    the same forward pass; has_negative [B] marks the captions that had a word to swap.
-    """
-    texts = input_ids if negative_ids is None else torch.cat([input_ids, negative_ids])
-    image_features, text_features, logit_scale = model(pixel_values, texts)  # [B, E], [B or 2B, E], τ
-    batch = len(input_ids)
-    loss = loss_fn(image_features, text_features[:batch], logit_scale)
-    if negative_ids is not None:
-        loss = loss + hard_negative_loss(image_features, text_features[:batch], text_features[batch:], logit_scale,
-                                         has_negative)
-    return loss
-
-
-def hard_negative_loss(image: torch.Tensor, text: torch.Tensor, negative: torch.Tensor, logit_scale: torch.Tensor,
-                       has_negative: torch.Tensor) -> torch.Tensor:
-    """NegCLIP's extra term (Yuksekgonul et al. 2023), per image between its caption and its negative:
-
-        ℓ_i = −log( exp(τ vᵢ·tᵢ) / (exp(τ vᵢ·tᵢ) + exp(τ vᵢ·nᵢ)) ),   L = (1/B) Σ_{i with a negative} ℓ_i
-
-    Dividing by the whole local batch B (not by the count with a negative) keeps the mean over
-    processes equal to the mean over the global batch.
-    """
-    logits = logit_scale * torch.stack([(image * text).sum(-1), (image * negative).sum(-1)], dim=1)  # [B, 2]
-    per_image = torch.nn.functional.cross_entropy(logits, torch.zeros(len(image), dtype=torch.long,
-                                                                      device=image.device), reduction="none")
-    return (per_image * has_negative.to(per_image.dtype)).sum() / len(image)
 
 
 def hard_negative_captions(captions: list[str], seeds: torch.Tensor, groups) -> tuple[list[str], torch.Tensor]:
@@ -192,7 +156,7 @@ def prepare_data(cfg: TextEncoderStageConfig):
     Every caption is checked once against the context length: one warning if any is truncated.
     """
     dataset = ImageCaptionDataset(cfg.data)
-    train_positions, held_out = split_held_out(len(dataset), cfg.eval_samples)
+    train_positions, held_out = split_heldout_positions(len(dataset), cfg.eval_samples)
     tokenizer = build_clip_tokenizer(cfg.model.text_context_length)
     captions = list(dataset.records[cfg.data.caption_column])
     warn_if_truncated(tokenizer, [captions[i] for i in dataset.valid])
@@ -243,4 +207,4 @@ def save_final(accelerator, cfg: TextEncoderStageConfig, model, ema, clip_config
 
 
 if __name__ == "__main__":
-    stage_entry("TextEncoderStageConfig", main)
+    stage_entry("text_encoder", main)

@@ -29,11 +29,12 @@ from ldm.data.cache import latent_cache
 from ldm.data.cached import CachedLatentDataset, collate_cached
 from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
+from ldm.data.split import heldout_data_config
 from ldm.data.streaming import StreamingImageCaptions
 from ldm.diffusion_batch import training_loss
 from ldm.ema import EMA, SNAPSHOTS, PowerEMA
 from ldm.entry import stage_entry
-from ldm.evaluation.heldout import encode_heldout, heldout_data_config, heldout_loss, heldout_weighting
+from ldm.evaluation.heldout import encode_heldout, heldout_loss, heldout_weighting
 from ldm.losses.denoising import describe_weighting
 from ldm.models.alignment import attach_targets, build_aligner
 from ldm.models.text import encode_prompts
@@ -288,4 +289,4 @@ def _millions(params) -> float:
 
 
 if __name__ == "__main__":
-    stage_entry("UNetStageConfig", main)
+    stage_entry("unet", main)

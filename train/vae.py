@@ -27,12 +27,13 @@ from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.sampler import ResumableBatchSampler
 from ldm.ema import EMA
 from ldm.entry import stage_entry
+from ldm.grid import save_grid
 from ldm.losses import vae as L
 from ldm.models.discriminator import PatchDiscriminator
 from ldm.models.vae import (AutoencoderWithLogvar, build_vae, calibrate_scaling_factor, downsampling_factor,
                             save_vae)
 from ldm.training import (Checkpointer, ExampleRNG, apply_update, gradient_sync, log_batch_geometry,
-                          make_accelerator, make_lr_scheduler, new_state, save_grid, seed_step)
+                          make_accelerator, make_lr_scheduler, new_state, seed_step)
 
 logger = logging.getLogger("train.vae")
 
@@ -154,27 +155,19 @@ def discriminator_pass(accelerator, disc, pairs, kind: str) -> dict:
 
 
 def autoencoder_loss(accelerator, model, disc_raw, x, eps, perceptual, cfg: VAELossConfig, gan_on: bool):
-    """L = NLL + β·KL [+ λ·L_G]; returns (loss, x̂, terms for logging)."""
+    """The forward pass, then ``ldm.losses.vae.autoencoder_objective``: L = NLL + β·KL [+ λ·L_G]; returns
+    (loss, x̂, terms for logging)."""
     x_hat, mean, logvar_q = model(x, eps)  # (B, 3, H, W), (B, C, h, w) x 2
     ae = accelerator.unwrap_model(model)
-    r = L.reconstruction_error(x.float(), x_hat.float(), cfg.reconstruction)  # (B, 3, H, W)
-    if perceptual is not None:
-        r = r + cfg.perceptual_weight * perceptual(x, x_hat)  # + (B, 1, 1, 1)
-    nll = L.reconstruction_nll(r, ae.logvar)
-    kl = L.gaussian_kl(mean.float(), logvar_q.float()).mean()
-    loss = nll + cfg.kl_weight * kl
-    terms = {"nll": nll.detach(), "kl": kl.detach(), "rec_l1": (x - x_hat).abs().mean().detach()}
+    logits_fake = None
     if gan_on:
         disc_raw.requires_grad_(False)  # L_G trains the generator only
-        g_loss = L.generator_loss(disc_raw(x_hat), cfg.disc_loss)
+        logits_fake = disc_raw(x_hat)
         disc_raw.requires_grad_(True)
-        grad_rec, grad_gan = L.last_layer_grads(nll, g_loss, ae.vae.decoder.conv_out.weight)
-        if accelerator.num_processes > 1:  # λ of the global batch, not of this process's share
-            grad_rec, grad_gan = accelerator.reduce(grad_rec, "mean"), accelerator.reduce(grad_gan, "mean")
-        weight = L.adaptive_weight(grad_rec, grad_gan, cfg.disc_weight)
-        loss = loss + weight * g_loss
-        terms |= {"g_loss": g_loss.detach(), "gan_weight": weight}
-    return loss, x_hat, terms | {"loss": loss.detach()}
+    reduce = (lambda g: accelerator.reduce(g, "mean")) if accelerator.num_processes > 1 else None
+    loss, terms = L.autoencoder_objective(x, x_hat, mean, logvar_q, ae.logvar, cfg, perceptual, logits_fake,
+                                          ae.vae.decoder.conv_out.weight, reduce)
+    return loss, x_hat, terms
 
 
 def discriminator_loss(disc, x, x_hat, kind: str):
@@ -260,4 +253,4 @@ def _millions(module: torch.nn.Module) -> float:
 
 
 if __name__ == "__main__":
-    stage_entry("VAEStageConfig", main)
+    stage_entry("vae", main)

@@ -1,4 +1,5 @@
-"""A seeded held-out split of a user's data, written as two imagefolders; the source is only read.
+"""Every held-out split: a seeded split of a user's data written as two imagefolders (the source is only read),
+and the held-out positions and picks inside one dataset (stage 0, the evaluations, the validation loss).
 
     split_heldout("my_images", "OUT/data", heldout=0.15, seed=0)
     -> OUT/data/train/, OUT/data/heldout/   images (copied) + metadata.jsonl (file_name, text, other columns)
@@ -8,10 +9,14 @@ Which examples are held out is a pure function of (number of examples, count, se
 permutation from ``numpy.random.default_rng(seed)``; the first ``count`` of it are held out.
 Any source ``ldm.data.images.load_records`` reads works (imagefolder, webdataset shards, a dataset
 name). Rerunning with the same source and arguments reuses the split; other arguments are an error.
+
+Inside one dataset: ``split_heldout_positions`` (stage 0: the last pairs), ``pick_examples`` and
+``heldout_halves`` (seeded picks for the evaluations), ``heldout_data_config`` (the validation loss's data).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -19,6 +24,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -119,3 +125,45 @@ def _plain(value) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_plain(v) for v in value)
     return value is None or isinstance(value, (str, int, float, bool))
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out positions and picks inside one dataset (stage 0, evaluation, the validation loss)
+# --------------------------------------------------------------------------------------------
+def split_heldout_positions(total: int, count: int) -> tuple[list[int], list[int]]:
+    """(train positions, held-out positions): the last ``count`` of ``total`` pairs are never trained on."""
+    if count >= total:
+        raise ValueError(f"eval_samples={count} leaves no training pairs out of {total}; lower eval_samples")
+    return list(range(total - count)), list(range(total - count, total))
+
+
+def seeded_order(total: int, seed: int) -> list[int]:
+    """A permutation of 0..total−1 from ``torch.randperm`` with a generator seeded ``seed``."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def pick_examples(total: int, num: int, seed: int) -> list[int]:
+    """``num`` distinct positions out of ``total``, a seeded random choice (all of them if fewer)."""
+    from ldm.data.images import DataError
+
+    if total < 2:
+        raise DataError(f"retrieval needs at least 2 image-caption pairs, the data has {total}")
+    if num > total:
+        logger.warning("asked for %d pairs, the data has %d: using all of them", num, total)
+    return sorted(seeded_order(total, seed)[:num])
+
+
+def heldout_halves(dataset, num: int, seed: int) -> tuple[dict, dict]:
+    """Two disjoint batches A, B of ``num // 2`` held-out pairs each, chosen by a seeded shuffle."""
+    from ldm.data.images import collate
+
+    order = seeded_order(len(dataset), seed)
+    half = min(num, len(dataset)) // 2
+    return collate([dataset[i] for i in order[:half]]), collate([dataset[i] for i in order[half:2 * half]])
+
+
+def heldout_data_config(data: DataConfig, path: str, num: int) -> DataConfig:
+    """The training data's columns, split and resolution on the held-out ``path``: its first ``num`` examples,
+    centre-cropped square, unflipped, not streamed."""
+    return dataclasses.replace(data, path=path, max_samples=num, buckets=(), crop="center", random_flip=False,
+                               streaming=False, num_workers=0)

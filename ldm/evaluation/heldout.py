@@ -16,7 +16,6 @@ over the K timesteps, unless ``min_snr_gamma`` asks for the training's Min-SNR w
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 from tqdm.auto import tqdm
@@ -77,13 +76,6 @@ def heldout_loss(unet, latents: torch.Tensor, text: torch.Tensor, alphas_cumprod
 def heldout_weighting(min_snr_gamma: float | None = None) -> Weighting:
     """The held-out loss's w: uniform unless ``min_snr_gamma`` asks for min-SNR-γ (``describe_weighting``)."""
     return Weighting("min_snr", min_snr_gamma)
-
-
-def heldout_data_config(data: DataConfig, path: str, num: int) -> DataConfig:
-    """The training data's columns, split and resolution on the held-out ``path``: its first ``num`` examples,
-    centre-cropped square, unflipped, not streamed."""
-    return dataclasses.replace(data, path=path, max_samples=num, buckets=(), crop="center", random_flip=False,
-                               streaming=False, num_workers=0)
 
 
 @torch.no_grad()

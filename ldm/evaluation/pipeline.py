@@ -31,6 +31,7 @@ from diffusers import DDPMScheduler
 from ldm.config import DataConfig
 from ldm.data.images import DataError, ImageCaptionDataset, collate
 from ldm.data.shapes import BACKGROUNDS, CELLS, COLOURS, EXTRA_KINDS, KINDS, render, single_shape_scenes
+from ldm.data.split import heldout_data_config, heldout_halves
 from ldm.evaluation.ceiling import ceiling, ceiling_text, checked_reading
 from ldm.evaluation.judge import PALETTE, judge, summarise
 from ldm.losses.diffusion import variational_bound_bpd
@@ -149,13 +150,6 @@ def data_kind(captions: list[str]) -> str | None:
     return "classes" if caption_classes(captions) else None
 
 
-def heldout_halves(dataset: ImageCaptionDataset, num: int, seed: int) -> tuple[dict, dict]:
-    """Two disjoint batches A, B of ``num // 2`` held-out pairs each, chosen by a seeded shuffle."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    half = min(num, len(dataset)) // 2
-    return collate([dataset[i] for i in order[:half]]), collate([dataset[i] for i in order[half:2 * half]])
-
-
 @torch.no_grad()
 def generate(pipe, captions: list[str], steps: int, guidance: float, seed: int, batch_size: int = 25) -> np.ndarray:
     """One image per caption, image i from its own generator (seed · 100003 + i): uint8 [N, H, W, 3]."""
@@ -187,7 +181,7 @@ def distribution_metrics(space, generated: np.ndarray, real_a: dict, real_b: dic
 
 def diffusion_loss(pipe, data: DataConfig, num: int = 64, seed: int = 0) -> float:
     """The held-out diffusion loss of the first ``num`` pairs of ``data`` (8 fixed timesteps, seeded noise)."""
-    from ldm.evaluation.heldout import encode_heldout, heldout_data_config, heldout_loss
+    from ldm.evaluation.heldout import encode_heldout, heldout_loss
 
     latents, text = encode_heldout(heldout_data_config(data, data.path, num), pipe.vae, pipe.text_encoder,
                                    pipe.tokenizer)

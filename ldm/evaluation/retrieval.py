@@ -11,7 +11,6 @@ not collapse onto the same embedding; we report the cosine similarity of such pa
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -22,11 +21,11 @@ from transformers import CLIPTokenizer
 
 from ldm.arguments import ArgumentValueError
 from ldm.config import DataConfig
-from ldm.data.images import DataError, ImageCaptionDataset, collate
+from ldm.data.images import ImageCaptionDataset, collate
 from ldm.data.shapes import COLOURS, KINDS
+from ldm.data.split import pick_examples
 from ldm.models.text import load_open_clip, load_text_encoder, tokenize, warn_if_truncated
 
-logger = logging.getLogger(__name__)
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": KINDS}  # the words the shapes captions use
 
 
@@ -104,16 +103,6 @@ def evaluate_clip(model, tokenizer: CLIPTokenizer, pixel_values: torch.Tensor, c
         lambda t: model.encode_text(tokenize(tokenizer, t).to(device)).float().cpu(), captions)
     model.train(was_training)
     return metrics
-
-
-def pick_examples(total: int, num: int, seed: int) -> list[int]:
-    """``num`` distinct positions out of ``total``, a seeded random choice (all of them if fewer)."""
-    if total < 2:
-        raise DataError(f"retrieval needs at least 2 image-caption pairs, the data has {total}")
-    if num > total:
-        logger.warning("asked for %d pairs, the data has %d: using all of them", num, total)
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[:num])
 
 
 def evaluate_text_encoder(model_dir: str | Path, data: DataConfig, num: int | None = None, seed: int = 0,

@@ -117,6 +117,40 @@ def last_layer_grads(rec_loss: torch.Tensor, gan_loss: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------
+# The composition (step 1 of a VAE training step)
+# --------------------------------------------------------------------------------------------
+def autoencoder_objective(x: torch.Tensor, x_hat: torch.Tensor, mean: torch.Tensor, logvar_q: torch.Tensor,
+                          logvar: torch.Tensor, cfg, perceptual=None, logits_fake: torch.Tensor | None = None,
+                          last_layer: torch.Tensor | None = None,
+                          mean_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """L_AE = NLL(x, x̂; s) + β·KL(q ‖ N(0, I)) [+ λ·L_G(D(x̂))]  (module docstring; λ = ``adaptive_weight``).
+
+    x, x_hat: (B, 3, H, W); mean, logvar_q: the posterior (B, C, h, w); logvar: the learned s (scalar).
+    ``cfg`` is the ``loss.*`` section (reconstruction, perceptual_weight, kl_weight, disc_loss, disc_weight);
+    r = reconstruction error (+ perceptual_weight · LPIPS when ``perceptual`` is given). With ``logits_fake``
+    (D(x̂), the discriminator frozen) the GAN term is added, λ from the gradients at ``last_layer`` (the
+    decoder's last weight), averaged by ``mean_over_processes`` (λ of the global batch) when given.
+    Returns (L, detached terms for logging).
+    """
+    r = reconstruction_error(x.float(), x_hat.float(), cfg.reconstruction)  # (B, 3, H, W)
+    if perceptual is not None:
+        r = r + cfg.perceptual_weight * perceptual(x, x_hat)  # + (B, 1, 1, 1)
+    nll = reconstruction_nll(r, logvar)
+    kl = gaussian_kl(mean.float(), logvar_q.float()).mean()
+    loss = nll + cfg.kl_weight * kl
+    terms = {"nll": nll.detach(), "kl": kl.detach(), "rec_l1": (x - x_hat).abs().mean().detach()}
+    if logits_fake is not None:
+        g_loss = generator_loss(logits_fake, cfg.disc_loss)
+        grad_rec, grad_gan = last_layer_grads(nll, g_loss, last_layer)
+        if mean_over_processes is not None:
+            grad_rec, grad_gan = mean_over_processes(grad_rec), mean_over_processes(grad_gan)
+        weight = adaptive_weight(grad_rec, grad_gan, cfg.disc_weight)
+        loss = loss + weight * g_loss
+        terms |= {"g_loss": g_loss.detach(), "gan_weight": weight}
+    return loss, terms | {"loss": loss.detach()}
+
+
+# --------------------------------------------------------------------------------------------
 # Perceptual term (optional: needs the `lpips` package and local weights)
 # --------------------------------------------------------------------------------------------
 def load_lpips(weights: str | Path, device=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
