@@ -203,7 +203,13 @@ def cmd_ema(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Staged latent diffusion on diffusers.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_data_command, add_train_command, add_cache_command, add_sample_command, add_eval_command,
+                add_push_command, add_demo_command, add_ema_command):
+        add(sub)
+    return parser
 
+
+def add_data_command(sub) -> None:
     data = sub.add_parser("data", help="write a built-in dataset: synthetic shapes, real handwritten digits, or "
                                        "crops of real photographs")
     data.add_argument("dataset", choices=["shapes", "digits", "textures"],
@@ -218,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=SEED, default=0, help="shapes and textures")
     data.set_defaults(func=cmd_data)
 
+
+def add_train_command(sub) -> None:
     train = sub.add_parser("train", help="train a stage (same as accelerate launch -m train.<stage>), or all")
     stages = train.add_subparsers(dest="stage", required=True)
     for name in COMMANDS:
@@ -226,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         stage.set_defaults(func=cmd_train)
     add_train_all_args(stages.add_parser("all", help="every stage on your own captioned images, with a preset"))
 
+
+def add_cache_command(sub) -> None:
     cache = sub.add_parser("cache", help="precompute stage 2's latent cache (split across launched processes)")
     actions = cache.add_subparsers(dest="action", required=True)
     build = actions.add_parser("build", help="encode the data of a stage-2 config into cache.dir; under torchrun "
@@ -238,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--dir", type=text, required=True, help="the cache folder (cache.dir)")
     verify.set_defaults(func=cmd_cache)
 
+
+def add_sample_command(sub) -> None:
     sample = sub.add_parser("sample", help="generate a PNG grid from a saved pipeline")
     sample.add_argument("--model", required=True, help="pipeline folder or Hub id")
     sample.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
@@ -253,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--singles", action="store_true", help="also write each image on its own")
     sample.set_defaults(func=cmd_sample)
 
+
+def add_eval_command(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a saved model; prints and writes JSON metrics")
     ev.add_argument("kind", choices=["vae", "text-encoder", "pipeline"])
     ev.add_argument("--model", required=True)
@@ -273,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="a .json file outside --data (default: <model>/metrics/<kind>.json)")
     ev.set_defaults(func=cmd_eval)
 
+
+def add_push_command(sub) -> None:
     push = sub.add_parser("push", help="publish a pipeline folder to the Hugging Face Hub")
     push.add_argument("--model", type=text, required=True)
     push.add_argument("--repo-id", type=text, required=True)
@@ -281,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dry-run", action="store_true", help="assemble and list the release folder only")
     push.set_defaults(func=cmd_push)
 
+
+def add_demo_command(sub) -> None:
     demo = sub.add_parser("demo", help="the whole chain on the built-in shapes data (CPU-sized)")
     demo.add_argument("--out", default="demo", help="a new or empty folder, or an earlier demo's to continue it")
     demo.add_argument("--quick", action="store_true",
@@ -288,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=SEED, default=0, help="train.seed of every stage (the data stay the same)")
     demo.set_defaults(func=cmd_demo)
 
+
+def add_ema_command(sub) -> None:
     ema = sub.add_parser("ema", help="post-hoc EMA: rebuild any EMA length from a stage-2 run's snapshots")
     ema.add_argument("--model", required=True, help="the stage-2 output_dir (with final/ and ema-snapshots/)")
     ema.add_argument("--sigma-rel", type=SIGMA_REL, default=None, help="EMA length relative to training time (EDM2 "
@@ -299,7 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
     ema.add_argument("--data", default=None, help="held-out data for --sweep (default: the run's validation.data)")
     ema.add_argument("--num", type=POSITIVE, default=None, help="held-out examples for --sweep (default: as trained)")
     ema.set_defaults(func=cmd_ema)
-    return parser
 
 
 def add_train_all_args(parser: argparse.ArgumentParser) -> None:

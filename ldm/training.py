@@ -129,6 +129,15 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Optimisation helpers
 # --------------------------------------------------------------------------------------------
+def make_optimizer(params, train: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW(lr = ``lr`` or train.learning_rate, β = (train.adam_beta1, train.adam_beta2), train.weight_decay):
+    every stage's optimizer (Loshchilov & Hutter 2019). ``params``: parameters or groups; a group's own
+    ``lr``/``weight_decay`` override these defaults (stage 0 decays matrices only, stage 2 gives LoRA's text
+    encoder its own rate)."""
+    return torch.optim.AdamW(params, lr=train.learning_rate if lr is None else lr,
+                             betas=(train.adam_beta1, train.adam_beta2), weight_decay=train.weight_decay)
+
+
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig):
     """LR warm-up then constant / cosine / linear decay over ``train.max_steps`` optimizer steps."""
     name = {"constant": "constant_with_warmup"}.get(train.lr_schedule, train.lr_schedule)

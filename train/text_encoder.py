@@ -44,7 +44,7 @@ from ldm.losses.contrastive import contrastive_loss
 from ldm.models.text import (build_clip_tokenizer, build_open_clip, open_clip_config, openclip_to_clip_text,
                              save_open_clip, save_text_encoder, tokenize, warn_if_truncated)
 from ldm.training import (Checkpointer, ExampleRNG, apply_update, gradient_sync, log_batch_geometry,
-                          make_accelerator, make_lr_scheduler, new_state, seed_step, write_summary)
+                          make_accelerator, make_lr_scheduler, make_optimizer, new_state, seed_step, write_summary)
 
 logger = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # τ ≤ 100, as in CLIP
@@ -80,19 +80,7 @@ def main(cfg: TextEncoderStageConfig) -> Path:
     device, accum = accelerator.device, cfg.train.grad_accum_steps
 
     dataset, train_positions, eval_batch, tokenizer = prepare_data(cfg)
-
-    # Model, optimiser, schedule.
-    clip_config = open_clip_config(cfg.model, cfg.data.resolution)
-    torch.manual_seed(cfg.train.seed)
-    model = build_open_clip(clip_config)
-    if cfg.train.gradient_checkpointing:
-        model.set_grad_checkpointing(True)
-    logger.info("CLIP: %.2fM parameters (text tower %.2fM)", sum(p.numel() for p in model.parameters()) / 1e6,
-                sum(p.numel() for n, p in model.named_parameters() if not n.startswith("visual")) / 1e6)
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.learning_rate,
-                            betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
-    lr_scheduler = make_lr_scheduler(opt, cfg.train)
-    ema = EMA(model, cfg.train.ema_decay).to(device) if cfg.train.ema_decay else None
+    model, opt, lr_scheduler, ema, clip_config = build_clip(cfg, device)
     model, opt = accelerator.prepare(model, opt)
     loss_fn = ClipLoss(gather_with_grad=True, cache_labels=True, rank=accelerator.process_index,
                        world_size=accelerator.num_processes)
@@ -115,11 +103,7 @@ def main(cfg: TextEncoderStageConfig) -> Path:
             batch = next(batches)
             state.batches += 1
             state.see(batch["seed"])
-            input_ids = tokenize(tokenizer, batch["caption"]).to(device)
-            negative_ids = has_negative = None
-            if cfg.hard_negatives:
-                negatives, has_negative = hard_negative_captions(batch["caption"], batch["seed"], cfg.hard_negatives)
-                negative_ids, has_negative = tokenize(tokenizer, negatives).to(device), has_negative.to(device)
+            input_ids, negative_ids, has_negative = caption_ids(tokenizer, batch, cfg.hard_negatives, device)
             with gradient_sync(accelerator, [model], sync=micro == accum - 1), accelerator.autocast():
                 loss = contrastive_loss(model, loss_fn, batch["pixel_values"].to(device), input_ids, negative_ids,
                                         has_negative) / accum
@@ -148,6 +132,31 @@ def main(cfg: TextEncoderStageConfig) -> Path:
                 (time.time() - start_time) / 60, final)
     accelerator.end_training()
     return final
+
+
+def build_clip(cfg: TextEncoderStageConfig, device):
+    """The CLIP (seeded alike on every process), its AdamW (weight decay on matrices only), LR schedule and EMA,
+    and its open_clip config."""
+    clip_config = open_clip_config(cfg.model, cfg.data.resolution)
+    torch.manual_seed(cfg.train.seed)
+    model = build_open_clip(clip_config)
+    if cfg.train.gradient_checkpointing:
+        model.set_grad_checkpointing(True)
+    logger.info("CLIP: %.2fM parameters (text tower %.2fM)", sum(p.numel() for p in model.parameters()) / 1e6,
+                sum(p.numel() for n, p in model.named_parameters() if not n.startswith("visual")) / 1e6)
+    opt = make_optimizer(param_groups(model, cfg.train.weight_decay), cfg.train)
+    lr_scheduler = make_lr_scheduler(opt, cfg.train)
+    ema = EMA(model, cfg.train.ema_decay).to(device) if cfg.train.ema_decay else None
+    return model, opt, lr_scheduler, ema, clip_config
+
+
+def caption_ids(tokenizer, batch: dict, hard_negatives, device):
+    """(input_ids, negative_ids, has_negative) of a micro-batch's captions; no negatives without hard_negatives."""
+    input_ids = tokenize(tokenizer, batch["caption"]).to(device)
+    if not hard_negatives:
+        return input_ids, None, None
+    negatives, has_negative = hard_negative_captions(batch["caption"], batch["seed"], hard_negatives)
+    return input_ids, tokenize(tokenizer, negatives).to(device), has_negative.to(device)
 
 
 def prepare_data(cfg: TextEncoderStageConfig):

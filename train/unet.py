@@ -40,9 +40,8 @@ from ldm.models.alignment import attach_targets, build_aligner
 from ldm.models.text import encode_prompts
 from ldm.models.unet import (load_components, parameter_groups, save_pipeline, trainable_parameters,
                              vae_scale_factor)
-from ldm.training import (Checkpointer, apply_update, gradient_sync,
-                          log_batch_geometry, make_accelerator, make_lr_scheduler, new_state, seed_step,
-                          write_summary)
+from ldm.training import (Checkpointer, apply_update, gradient_sync, log_batch_geometry, make_accelerator,
+                          make_lr_scheduler, make_optimizer, new_state, seed_step, write_summary)
 
 logger = logging.getLogger("train.unet")
 
@@ -53,43 +52,19 @@ def main(cfg: UNetStageConfig) -> Path:
     accelerator = make_accelerator(cfg.output_dir, cfg.train, cfg)
     log_batch_geometry(accelerator, cfg.train)
     train, device = cfg.train, accelerator.device
-    torch.manual_seed(train.seed)  # the same initial U-Net on every process
-    parts = load_components(cfg)  # vae, text_encoder, tokenizer (frozen), unet, noise scheduler
-    vae, text_encoder, tokenizer = parts.vae.to(device), parts.text_encoder.to(device), parts.tokenizer
-    unet, scheduler = parts.unet, parts.scheduler
-    if train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    dreambooth.prepare_class_images(cfg, parts, device, accelerator)  # from the base model; main decides
-    accelerator.wait_for_everyone()
-    params = trainable_parameters(unet, text_encoder, cfg.lora)
-    aligner, image_encoder = build_aligner(cfg, unet)  # (None, None) unless align.weight > 0
+    parts = load_parts(cfg, accelerator)  # vae, text_encoder, tokenizer (frozen, on device), unet, noise scheduler
+    vae, tokenizer, schedule = parts.vae, parts.tokenizer, parts.scheduler.config
+    params = trainable_parameters(parts.unet, parts.text_encoder, cfg.lora)
+    aligner, image_encoder = build_aligner(cfg, parts.unet)  # (None, None) unless align.weight > 0
     if aligner is not None:
         params += list(aligner.projector.parameters())
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
-
-    groups = parameter_groups(params, text_encoder, cfg.lora, train.learning_rate)  # + the text encoder's own rate
-    optimizer = torch.optim.AdamW(groups, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-                                  weight_decay=train.weight_decay)
-    lr_scheduler = make_lr_scheduler(optimizer, train)
-    models = {"unet": unet}
-    if cfg.lora.train_text_encoder:
-        models["text_encoder"] = text_encoder
-    if aligner is not None:
-        models["align"] = aligner.projector.to(device)  # trained and checkpointed with the U-Net, never shipped
-    prepared = accelerator.prepare(*models.values(), optimizer)
-    models, optimizer = dict(zip(models, prepared[:-1])), prepared[-1]
-    unet = models["unet"]
-    text_encoder = models.get("text_encoder", text_encoder)
+    alphas_cumprod = parts.scheduler.alphas_cumprod.to(device)
+    models, optimizer, lr_scheduler = prepare_models(accelerator, train, cfg.lora, parts, params, aligner)
+    unet, text_encoder = models["unet"], models.get("text_encoder", parts.text_encoder)
     raw_unet = accelerator.unwrap_model(unet)
     ema = EMA(raw_unet, train.ema_decay).to(device) if train.ema_decay else None
     phema = power_ema(cfg, raw_unet, device)  # None unless ema.posthoc_sigma_rels
-    state = new_state(accelerator, train)
-    emas = {name: e for name, e in (("unet", ema), ("unet-phema", phema)) if e is not None}
-    checkpointer = Checkpointer(accelerator, cfg.output_dir, train, models, {"unet": optimizer},
-                                {"unet": lr_scheduler}, emas)
-    checkpointer.resume(state)
-    if phema is not None and accelerator.is_main_process:
-        phema.drop_snapshots_after(state.step)
+    checkpointer, state = resume(accelerator, cfg.output_dir, train, models, optimizer, lr_scheduler, ema, phema)
     heldout = heldout_set(cfg, parts, text_encoder) if cfg.validation.data and accelerator.is_main_process else None
     batches, source, dataset = training_batches(accelerator, cfg, state.batches, parts)
     if aligner is not None and aligner.active(state.step):  # a run resumed past align.steps needs no targets
@@ -110,7 +85,7 @@ def main(cfg: UNetStageConfig) -> Path:
             with gradient_sync(accelerator, list(models.values()), sync=micro == train.grad_accum_steps - 1):
                 with accelerator.autocast(), aligning(aligner, state.step, raw_unet):
                     loss = training_loss(unet, batch, vae, text_encoder, tokenizer, empty_text, alphas_cumprod,
-                                         cfg.diffusion, scheduler.config, cfg.dreambooth.prior_loss_weight)
+                                         cfg.diffusion, schedule, cfg.dreambooth.prior_loss_weight)
                     if aligner is not None and aligner.active(state.step):
                         loss = loss + aligner.loss(batch, models["align"])  # + λ·L_REPA
                 accelerator.backward(loss / train.grad_accum_steps)
@@ -124,26 +99,65 @@ def main(cfg: UNetStageConfig) -> Path:
         loss_sum, loss_count = loss_sum + total, loss_count + 1
 
         if state.step % train.log_every == 0 or state.step == train.max_steps:
-            accelerator.log({"loss": float(loss_sum) / loss_count, "lr": lr_scheduler.get_last_lr()[0],
-                             "grad_norm": float("nan") if norm is None else float(norm), "skipped_steps": state.skipped,
-                             **(aligner.pop_log() if aligner is not None else {})}, step=state.step)
+            log_step(accelerator, state, float(loss_sum) / loss_count, lr_scheduler, norm, aligner)
             loss_sum, loss_count = torch.zeros((), device=device), 0
-        if accelerator.is_main_process and (state.step % cfg.validation.every == 0 or state.step == train.max_steps):
-            validation_grid(cfg, parts, raw_unet, ema, Path(cfg.output_dir) / "samples" / f"step-{state.step}.png")
-            if heldout is not None:
-                validation_loss(cfg, heldout(), raw_unet, ema, alphas_cumprod, scheduler.config, state, accelerator)
-        if phema is not None and accelerator.is_main_process and (state.step % cfg.ema.snapshot_every == 0
-                                                                   or state.step == train.max_steps):
-            phema.save_snapshots(state.step)  # before the checkpoint: a resume never skips one
-        if state.step % train.checkpoint_every == 0 or state.step == train.max_steps:
-            checkpointer.save(state)
-            if cfg.push.repo_id and cfg.push.checkpoints_branch and accelerator.is_main_process:
-                publish(cfg, parts, raw_unet, ema, state, accelerator, time.time() - start_time)
+        validate_and_save(cfg, accelerator, state, parts, raw_unet, ema, phema, heldout, alphas_cumprod,
+                          checkpointer, start_time)
+    return finish(cfg, accelerator, parts, raw_unet, ema, state, start_time)
 
+
+def load_parts(cfg: UNetStageConfig, accelerator):
+    """``load_components`` with the frozen encoders on the device, the U-Net seeded alike on every process, and
+    the DreamBooth class images made from the base model (the main process decides) before the barrier."""
+    torch.manual_seed(cfg.train.seed)  # the same initial U-Net on every process
+    parts = load_components(cfg)
+    parts.vae.to(accelerator.device), parts.text_encoder.to(accelerator.device)
+    if cfg.train.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+    dreambooth.prepare_class_images(cfg, parts, accelerator.device, accelerator)
+    accelerator.wait_for_everyone()
+    return parts
+
+
+def prepare_models(accelerator, train, lora, parts, params, aligner):
+    """AdamW over ``params`` (+ the text encoder's own rate), its LR schedule, and the trained modules (the
+    U-Net, the text encoder when LoRA trains it, the REPA projector) prepared: (models, optimizer, schedule)."""
+    groups = parameter_groups(params, parts.text_encoder, lora, train.learning_rate)
+    optimizer = make_optimizer(groups, train)
+    lr_scheduler = make_lr_scheduler(optimizer, train)
+    models = {"unet": parts.unet}
+    if lora.train_text_encoder:
+        models["text_encoder"] = parts.text_encoder
+    if aligner is not None:
+        models["align"] = aligner.projector.to(accelerator.device)  # trained and checkpointed, never shipped
+    prepared = accelerator.prepare(*models.values(), optimizer)
+    return dict(zip(models, prepared[:-1])), prepared[-1], lr_scheduler
+
+
+def resume(accelerator, output_dir: str, train, models: dict, optimizer, lr_scheduler, ema, phema):
+    """The checkpointer of ``output_dir`` and the training state, resumed from its latest checkpoint (if any)."""
+    state = new_state(accelerator, train)
+    emas = {name: e for name, e in (("unet", ema), ("unet-phema", phema)) if e is not None}
+    checkpointer = Checkpointer(accelerator, output_dir, train, models, {"unet": optimizer}, {"unet": lr_scheduler},
+                                emas)
+    checkpointer.resume(state)
+    if phema is not None and accelerator.is_main_process:
+        phema.drop_snapshots_after(state.step)
+    return checkpointer, state
+
+
+def log_step(accelerator, state, loss: float, lr_scheduler, norm, aligner) -> None:
+    accelerator.log({"loss": loss, "lr": lr_scheduler.get_last_lr()[0],
+                     "grad_norm": float("nan") if norm is None else float(norm), "skipped_steps": state.skipped,
+                     **(aligner.pop_log() if aligner is not None else {})}, step=state.step)
+
+
+def finish(cfg: UNetStageConfig, accelerator, parts, unet, ema, state, start_time: float) -> Path:
+    """``<output_dir>/final`` written (and pushed when push.repo_id is set) by the main process; returns it."""
     final = Path(cfg.output_dir) / "final"
     if accelerator.is_main_process:
         with atomic_folder(final) as tmp:
-            save_result(tmp, cfg, parts, raw_unet, ema, state, accelerator, time.time() - start_time)
+            save_result(tmp, cfg, parts, unet, ema, state, accelerator, time.time() - start_time)
         if cfg.push.repo_id:
             from ldm.hub import push
 
@@ -153,6 +167,23 @@ def main(cfg: UNetStageConfig) -> Path:
                 (time.time() - start_time) / 60, final)
     accelerator.end_training()
     return final
+
+
+def validate_and_save(cfg: UNetStageConfig, accelerator, state, parts, unet, ema, phema, heldout, alphas_cumprod,
+                      checkpointer, start_time: float) -> None:
+    """After a step, when it is due: the validation grid and held-out loss, the post-hoc EMA snapshots, the
+    checkpoint (and its push to ``push.checkpoints_branch``)."""
+    last = state.step == cfg.train.max_steps
+    if accelerator.is_main_process and (state.step % cfg.validation.every == 0 or last):
+        validation_grid(cfg, parts, unet, ema, Path(cfg.output_dir) / "samples" / f"step-{state.step}.png")
+        if heldout is not None:
+            validation_loss(cfg, heldout(), unet, ema, alphas_cumprod, parts.scheduler.config, state, accelerator)
+    if phema is not None and accelerator.is_main_process and (state.step % cfg.ema.snapshot_every == 0 or last):
+        phema.save_snapshots(state.step)  # before the checkpoint: a resume never skips one
+    if state.step % cfg.train.checkpoint_every == 0 or last:
+        checkpointer.save(state)
+        if cfg.push.repo_id and cfg.push.checkpoints_branch and accelerator.is_main_process:
+            publish(cfg, parts, unet, ema, state, accelerator, time.time() - start_time)
 
 
 def save_result(folder: Path, cfg: UNetStageConfig, parts, unet, ema, state, accelerator, seconds: float) -> None:

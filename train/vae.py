@@ -33,7 +33,7 @@ from ldm.models.discriminator import PatchDiscriminator
 from ldm.models.vae import (AutoencoderWithLogvar, build_vae, calibrate_scaling_factor, downsampling_factor,
                             save_vae)
 from ldm.training import (Checkpointer, ExampleRNG, apply_update, gradient_sync, log_batch_geometry,
-                          make_accelerator, make_lr_scheduler, new_state, seed_step)
+                          make_accelerator, make_lr_scheduler, make_optimizer, new_state, seed_step)
 
 logger = logging.getLogger("train.vae")
 
@@ -103,8 +103,8 @@ def build_models(cfg: VAEStageConfig):
     torch.manual_seed(train.seed)  # the same initial weights on every process
     model = AutoencoderWithLogvar(build_vae(cfg.model, cfg.data.resolution), loss_cfg.logvar_init)
     disc = PatchDiscriminator(3, loss_cfg.disc_channels, loss_cfg.disc_layers)
-    opt_g = make_optimizer(model.parameters(), train.learning_rate, train)
-    opt_d = make_optimizer(disc.parameters(), loss_cfg.disc_learning_rate or train.learning_rate, train)
+    opt_g = make_optimizer(model.parameters(), train)
+    opt_d = make_optimizer(disc.parameters(), train, loss_cfg.disc_learning_rate or train.learning_rate)
     logger.info("autoencoder %.2fM parameters (f=%d, %d latent channels), discriminator %.2fM (on from step %d)",
                 _millions(model), downsampling_factor(model.vae), cfg.model.latent_channels, _millions(disc),
                 loss_cfg.disc_start)
@@ -181,11 +181,6 @@ def discriminator_loss(disc, x, x_hat, kind: str):
 # --------------------------------------------------------------------------------------------
 # Updates, logging, images, the final folder
 # --------------------------------------------------------------------------------------------
-def make_optimizer(params, lr: float, train) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, betas=(train.adam_beta1, train.adam_beta2),
-                             weight_decay=train.weight_decay)
-
-
 def make_perceptual(cfg: VAELossConfig, device):
     if cfg.lpips_weights is None or cfg.perceptual_weight == 0:
         logger.info("LPIPS is off: %s; the reconstruction term is %s only", "loss.perceptual_weight is 0"
