@@ -114,6 +114,19 @@ def write_instances(folder: Path, num: int) -> Path:
     return folder
 
 
+def measure_before(base, num: int, classifier, saved: Path | None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """``measure`` of the base model, read from ``saved`` (a .npz) when an earlier run wrote it, else made
+    (and written there)."""
+    if saved is not None and saved.exists():
+        data = np.load(saved)
+        return json.loads(str(data["row"])), data["instance"], data["class"]
+    row, instance, klass = measure(base, num, classifier)
+    if saved is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(saved, row=json.dumps(row), instance=instance, **{"class": klass})
+    return row, instance, klass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="the shapes pipeline folder to fine-tune")
@@ -144,14 +157,7 @@ def main() -> None:
     base = load_pipeline(args.base, device="cpu")
     detector = validate_detector(base.vae)
     print("detector:", json.dumps(detector))
-    before_file = Path(args.before) if args.before else None
-    if before_file is not None and before_file.exists():  # the base model's numbers from an earlier run
-        saved = np.load(before_file)
-        before, inst0, cls0 = json.loads(str(saved["row"])), saved["instance"], saved["class"]
-    else:
-        before, inst0, cls0 = measure(base, args.num, classifier)
-        if before_file is not None:
-            np.savez(before_file, row=json.dumps(before), instance=inst0, **{"class": cls0})
+    before, inst0, cls0 = measure_before(base, args.num, classifier, Path(args.before) if args.before else None)
     print("before:", json.dumps(before))
 
     cfg = load_config(UNetStageConfig, CONFIGS / "unet" / "dreambooth.yaml",
