@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ldm.config import ConfigError
+from ldm.data.images import decode_image
 
 # caption -> (file in skimage/data, usable region (left, top, right, bottom) as fractions of the picture)
 TEXTURES = {
@@ -44,7 +45,7 @@ def photographs() -> dict[str, Image.Image]:
     for text, (name, (left, top, right, bottom)) in TEXTURES.items():
         if not (folder / name).is_file():
             raise ConfigError(f"{folder / name} is missing: this scikit-image does not bundle it ({INSTALL_HINT})")
-        picture = Image.open(folder / name).convert("RGB")
+        picture = decode_image(folder / name).convert("RGB")
         w, h = picture.size
         regions[text] = picture.crop((round(left * w), round(top * h), round(right * w), round(bottom * h)))
     return regions
