@@ -94,7 +94,7 @@ def judge(model: Path, heldout: Path, num: int) -> dict:
 
     from ldm.config import DataConfig
     from ldm.data.images import ImageCaptionDataset
-    from ldm.evaluation.pipeline import classes_reading, data_kind, digits_reading, generate, heldout_halves
+    from ldm.evaluation.pipeline import classifier_reading, data_kind, generate, heldout_halves
     from ldm.models.unet import vae_scale_factor
     from ldm.sampling import load_pipeline
 
@@ -104,14 +104,11 @@ def judge(model: Path, heldout: Path, num: int) -> dict:
     dataset = ImageCaptionDataset(DataConfig(path=str(heldout), resolution=size))
     real_a, real_b = heldout_halves(dataset, num, seed=0)
     generated = generate(pipe, list(real_a["caption"]), steps=20, guidance=5.0, seed=0)
-    if data_kind(list(real_a["caption"]) + list(real_b["caption"])) == "digits":
-        reading = digits_reading(generated, real_a, real_b, size)
-        per_class = reading["classifier"].get("per_digit_accuracy", {})
-    else:
-        reading = classes_reading(generated, real_a, real_b)
-        per_class = reading["classifier"].get("per_class_accuracy", {})
+    kind = data_kind(list(real_a["caption"]) + list(real_b["caption"]))
+    reading = classifier_reading(kind, generated, real_a, real_b, size)
+    c = reading["classifier"]
     return {"accuracy": reading["classifier_accuracy"], "real_accuracy": reading["classifier_real_accuracy"],
-            "per_class": per_class}
+            "per_class": c.get("per_digit_accuracy", c.get("per_class_accuracy", {}))}
 
 
 def main(argv=None) -> None:

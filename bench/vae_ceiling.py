@@ -69,7 +69,7 @@ def heldout_round_trip(vae, folder: str, num: int = 1000) -> dict:
     """The data's own judge on round trips of held-out half A (``ldm eval pipeline``'s halves and judges)."""
     from ldm.config import DataConfig
     from ldm.data.images import ImageCaptionDataset
-    from ldm.evaluation.pipeline import classes_reading, data_kind, digits_reading, heldout_halves, to_uint8
+    from ldm.evaluation.pipeline import classifier_reading, data_kind, heldout_halves, to_uint8
 
     size = vae.config.sample_size
     dataset = ImageCaptionDataset(DataConfig(path=folder, resolution=size))
@@ -79,8 +79,7 @@ def heldout_round_trip(vae, folder: str, num: int = 1000) -> dict:
     kind = data_kind(list(real_a["caption"]) + list(real_b["caption"]))
     if kind not in ("digits", "classes"):
         raise SystemExit(f"{folder}: its captions are neither digits nor a few classes; no judge to read them")
-    read = digits_reading(to_uint8(x_hat), real_a, real_b, size) if kind == "digits" else \
-        classes_reading(to_uint8(x_hat), real_a, real_b)
+    read = classifier_reading(kind, to_uint8(x_hat), real_a, real_b, size)
     return {"judge": read["classifier_accuracy"], "ceiling": read["classifier_real_accuracy"],
             "psnr": float(10 * torch.log10(4 / (x_hat - x).square().mean())), "kind": kind}
 

@@ -16,7 +16,6 @@ over the K timesteps, unless ``min_snr_gamma`` asks for the training's Min-SNR w
 
 from __future__ import annotations
 
-
 import torch
 from tqdm.auto import tqdm
 

@@ -224,10 +224,8 @@ def evaluate_pipeline(model: str, data: DataConfig, num: int | None = None, seed
         metrics |= distribution_metrics(space, generated, real_a, real_b)
     metrics["bits_per_dim"] = latent_bits_per_dim(pipe, data, num=bpd_images, seed=seed)
     metrics["heldout_loss"] = diffusion_loss(pipe, data, seed=seed)
-    if kind == "digits":
-        metrics |= digits_reading(generated, real_a, real_b, size)
-    elif kind == "classes":
-        metrics |= classes_reading(generated, real_a, real_b)
+    if kind in ("digits", "classes"):
+        metrics |= classifier_reading(kind, generated, real_a, real_b, size)
     elif kind == "shapes":  # the judge reads its own held-out prompts; its ceiling is this data's real images
         real = judge_real(np.concatenate([to_uint8(real_a["pixel_values"]), to_uint8(real_b["pixel_values"])]),
                           list(real_a["caption"]) + list(real_b["caption"]))
@@ -248,6 +246,12 @@ def digits_reading(generated: np.ndarray, real_a: dict, real_b: dict, size: int)
                            (to_uint8(real_b["pixel_values"]), labels_b), size)
     return {"classifier_accuracy": reading["accuracy"], "classifier_real_accuracy": reading["real_accuracy"],
             "classifier": reading}
+
+
+def classifier_reading(kind: str, generated: np.ndarray, real_a: dict, real_b: dict, size: int) -> dict:
+    """``digits_reading`` or ``classes_reading``, by ``kind`` (``data_kind``: "digits" or "classes")."""
+    return digits_reading(generated, real_a, real_b, size) if kind == "digits" else \
+        classes_reading(generated, real_a, real_b)
 
 
 def classes_reading(generated: np.ndarray, real_a: dict, real_b: dict) -> dict:

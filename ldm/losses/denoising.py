@@ -26,9 +26,6 @@ class Weighting(NamedTuple):
     min_snr_gamma: float | None = None  # γ of min_snr; None: w = 1
 
 
-UNIFORM = Weighting("min_snr", None)  # w = 1
-
-
 def loss_weight(snr_t: torch.Tensor, weighting, prediction_type: str) -> torch.Tensor | None:
     """w(t) = min-SNR-γ (``D.min_snr_weight``) | 1/√SNR (``D.debiased_weight``) | None (w = 1, γ null).
 
