@@ -129,3 +129,13 @@ def test_the_checks_see_an_offender():
         path = Path(tmp) / "offender.py"
         path.write_text("def f():\n    from train import unet\n    import train.unet as u\n")
         assert {"train", "train.unet"} <= imported_names(path) and _train_imports(path) == ["train", "train.unet"]
+
+
+def test_the_u_net_stage_starts_without_importing_open_clip():
+    """open_clip (with torchvision and torch._dynamo: ~2 s of every launch) loads only where it is used."""
+    import subprocess
+    import sys
+
+    code = "import sys, train.unet, ldm.cli; print(sorted(m for m in sys.modules if m.startswith('open_clip')))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ldm.config import DataConfig
+from ldm.data.listing import single_split_files
 from ldm.distributed import SingleProcess, gather_from_everyone
 from ldm.errors import UserError
 from ldm.locations import local_or_hub, not_found_here_or_on_hub
@@ -172,9 +173,12 @@ def _load_local(path: Path, data: DataConfig, streaming: bool):
         builder = "imagefolder"
     else:
         builder = None  # parquet/arrow/json files: datasets picks the builder
+    files = single_split_files(path) if builder == "imagefolder" else None  # one walk instead of 66
     try:
         if builder is None:
             return datasets.load_dataset(str(path), split=data.split, streaming=streaming)
+        if files is not None:
+            return datasets.load_dataset(builder, data_files={"train": files}, split=data.split, streaming=streaming)
         return datasets.load_dataset(builder, data_dir=str(path), split=data.split, streaming=streaming)
     except Exception as err:  # pyarrow, datasets' generation and empty-folder errors: name the folder
         kind = {"webdataset": "webdataset shards", "imagefolder": "an imagefolder"}.get(builder, "a dataset folder")

@@ -19,9 +19,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import open_clip
 import torch
-from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -47,6 +45,8 @@ def build_clip_tokenizer(context_length: int = 77) -> CLIPTokenizer:
     open_clip also runs ``ftfy.fix_text`` and ``html.unescape`` on the prompt, which a saved
     CLIPTokenizer cannot do; prompts those leave unchanged (the usual case) get identical ids.
     """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe  # open_clip is imported where used: ~2 s
+
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
     symbols = list(bytes_to_unicode().values())
@@ -170,6 +170,8 @@ def open_clip_config(model: CLIPModelConfig, image_size: int) -> dict:
 
 def build_open_clip(config: dict) -> nn.Module:
     """A randomly initialised open_clip ``CLIP`` (or ``CustomTextCLIP``) from a model config dict."""
+    import open_clip
+
     config = dict(config.get("model_cfg", config))
     custom = config.pop("custom_text", False) or "hf_model_name" in config.get("text_cfg", {})
     return (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**config)
@@ -193,6 +195,8 @@ def load_open_clip(folder: str | Path) -> tuple[nn.Module, dict]:
     if not (folder / OPEN_CLIP_CONFIG).is_file():
         raise FileNotFoundError(f"{folder} has no {OPEN_CLIP_CONFIG}; it is written by `ldm train text-encoder` "
                                 f"at <output_dir>/final/open_clip")
+    import open_clip
+
     model = open_clip.create_model(f"local-dir:{folder}", device="cpu")
     return model.eval(), json.loads((folder / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
 
@@ -234,6 +238,8 @@ def openclip_to_clip_text(model_or_name, pretrained: str | None = None, layer: L
 
 
 def _open_clip_model(model_or_name, pretrained: str | None) -> nn.Module:
+    import open_clip
+
     if isinstance(model_or_name, nn.Module):
         return model_or_name
     if isinstance(model_or_name, dict):
@@ -264,8 +270,10 @@ def _text_tower(model: nn.Module) -> nn.Module:
         raise ValueError("text pool_type 'eos' with an eos_id other than 49407 needs another tokenizer")
     if isinstance(tower.text_projection, nn.Linear) and tower.text_projection.bias is not None:
         raise ValueError("a text projection with a bias has no CLIPTextModelWithProjection equivalent")
+    from open_clip.transformer import ResidualAttentionBlock
+
     block = tower.transformer.resblocks[0]
-    if not isinstance(block, open_clip.transformer.ResidualAttentionBlock) or hasattr(block, "ln_1_kv"):
+    if not isinstance(block, ResidualAttentionBlock) or hasattr(block, "ln_1_kv"):
         raise ValueError(f"{type(block).__name__} blocks (qk-norm, scaled cosine attention, ...) have no "
                          f"CLIPTextModel equivalent")
     if tower.token_embedding.num_embeddings != VOCAB_SIZE:
@@ -275,7 +283,9 @@ def _text_tower(model: nn.Module) -> nn.Module:
 
 
 def _activation(module: nn.Module) -> str:
-    if isinstance(module, open_clip.transformer.QuickGELU):
+    from open_clip.transformer import QuickGELU
+
+    if isinstance(module, QuickGELU):
         return "quick_gelu"
     if isinstance(module, nn.GELU):
         return {"none": "gelu", "tanh": "gelu_pytorch_tanh"}[module.approximate]
@@ -312,8 +322,10 @@ def convert_text_state_dict(tower: nn.Module) -> dict[str, torch.Tensor]:
 
 def _convert_block(block: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """One residual block: x + g1 * attn(ln_1(x)), then x + g2 * mlp(ln_2(x)), g = LayerScale or 1."""
+    from open_clip.transformer import LayerScale
+
     attn, mlp = block.attn, block.mlp
-    g1, g2 = (ls.gamma if isinstance(ls, open_clip.transformer.LayerScale) else None for ls in (block.ls_1, block.ls_2))
+    g1, g2 = (ls.gamma if isinstance(ls, LayerScale) else None for ls in (block.ls_1, block.ls_2))
     q, k, v = attn.in_proj_weight.chunk(3)
     qb, kb, vb = attn.in_proj_bias.chunk(3)
 
