@@ -119,13 +119,12 @@ def read_prior_prompts(source: str) -> list[str]:
     return prompts
 
 
-def class_prompts(db, start: int, stop: int) -> list[str]:
+def class_prompts(class_prompt: str, prior: list[str] | None, start: int, stop: int) -> list[str]:
     """The prompt of class images ``start``..``stop-1``: the class prompt, or with prior prompts P_0..P_{n-1}
     the class prompt for even i and P_{⌊i/2⌋ mod n} for odd i."""
-    if db.prior_prompts is None:
-        return [db.class_prompt] * (stop - start)
-    prior = read_prior_prompts(db.prior_prompts)
-    return [db.class_prompt if i % 2 == 0 else prior[(i // 2) % len(prior)] for i in range(start, stop)]
+    if prior is None:
+        return [class_prompt] * (stop - start)
+    return [class_prompt if i % 2 == 0 else prior[(i // 2) % len(prior)] for i in range(start, stop)]
 
 
 def class_folder(cfg: UNetStageConfig) -> Path:
@@ -223,12 +222,13 @@ def generate_class_images(cfg: UNetStageConfig, parts, folder: Path, start: int,
 
     db, size = cfg.dreambooth, cfg.data.resolution
     pipe = make_pipeline(parts, parts.unet, make_scheduler("dpm++", parts.scheduler.config)).to(device)
+    prior = None if db.prior_prompts is None else read_prior_prompts(db.prior_prompts)  # read once
     with open(folder / "metadata.jsonl", "a", encoding="utf-8") as meta:
         for first in tqdm(range(start, stop, batch_size), desc="class images"):
             indices = range(first, min(first + batch_size, stop))
             generators = [torch.Generator().manual_seed(db.class_seed + i) for i in indices]
-            prompts = class_prompts(db, indices.start, indices.stop)
-            one_prompt = db.prior_prompts is None  # one prompt, repeated: the batch of a single-prompt run
+            prompts = class_prompts(db.class_prompt, prior, indices.start, indices.stop)
+            one_prompt = prior is None  # one prompt, repeated: the batch of a single-prompt run
             images = pipe(prompts[0] if one_prompt else prompts, num_images_per_prompt=len(indices) if one_prompt
                           else 1, height=size, width=size, num_inference_steps=db.class_steps,
                           guidance_scale=db.class_guidance, generator=generators, output_type="np").images
