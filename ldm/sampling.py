@@ -26,12 +26,14 @@ SCHEDULERS = {
     "unipc": (UniPCMultistepScheduler, {}),
 }
 
+
 def make_scheduler(name: str, config):
     """A sampler of kind ``name`` on the noise schedule of ``config`` (the saved scheduler's config)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
     cls, extra = SCHEDULERS[name]
     return cls.from_config(config, **extra)
+
 
 def steps_problem(scheduler, steps: int) -> str | None:
     """Why ``scheduler`` cannot sample in ``steps`` steps (None when it can), from a fresh copy's timesteps."""
@@ -44,6 +46,7 @@ def steps_problem(scheduler, steps: int) -> str | None:
     except (ValueError, IndexError, RuntimeError) as err:
         return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
     return schedule_problem(trial, steps)
+
 
 def check_steps(scheduler, steps: int, key: str = "--steps") -> None:
     """Refuse, before any image is made, a step count the sampler cannot take (it would crash or sample a
@@ -64,11 +67,13 @@ def check_steps(scheduler, steps: int, key: str = "--steps") -> None:
                              f"{' or '.join(map(str, nearest))} (most counts from 1 to {top} work, a few like this "
                              f"one do not)")
 
+
 def check_image_path(out: Path, key: str) -> None:
     """An image file name PIL can write, not a folder: checked before the (slow) pipeline loads."""
     if out.is_dir() or out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise LocationError(f"{key} {out} must be an image file name ending in .png, .jpg or .webp (an existing "
                             f"file of that name is replaced)")
+
 
 def load_pipeline(model: str | Path, device: str | torch.device | None = None,
                   dtype: torch.dtype = torch.float32, scheduler: str | None = None) -> LatentDiffusionPipeline:
@@ -89,8 +94,10 @@ def load_pipeline(model: str | Path, device: str | torch.device | None = None,
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
+
 def is_lora_folder(folder: Path) -> bool:
     return (folder / LORA_FILE).exists() and not (folder / "model_index.json").exists()
+
 
 def lora_base_model(folder: Path) -> str | Path:
     """The base pipeline a LoRA folder was trained on, from its ``training.json``."""
@@ -105,6 +112,7 @@ def lora_base_model(folder: Path) -> str | Path:
                          f"pipe.load_lora_weights({str(folder)!r})")
     return local_or_hub(base, f"base_model in {summary}")
 
+
 def _from_pretrained(location: Path | str, key: str, dtype: torch.dtype) -> LatentDiffusionPipeline:
     try:
         return LatentDiffusionPipeline.from_pretrained(str(location), dtype=dtype)
@@ -113,6 +121,7 @@ def _from_pretrained(location: Path | str, key: str, dtype: torch.dtype) -> Late
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise LocationError(f"{key} {location} cannot be loaded: {reason}") from err
         raise not_found_here_or_on_hub(location, key, err) from err
+
 
 def sample_grid(pipe, prompts: list[str], num_images: int, steps: int, guidance: float, seed: int,
                 negative_prompt: str | None = None) -> tuple[list, Image.Image]:
@@ -125,6 +134,7 @@ def sample_grid(pipe, prompts: list[str], num_images: int, steps: int, guidance:
         images.append(out.images)
     pixels = torch.cat(images) * 2 - 1  # [0, 1] -> [-1, 1]
     return images, to_pil_grid(pixels, nrow=num_images)
+
 
 def sample_to_files(model: str, prompts: list[str], negative_prompt: str | None = None, num_images: int = 4,
                     steps: int = 25, guidance: float = 5.0, seed: int = 0, out: str = "samples.png",

@@ -14,6 +14,7 @@ import yaml
 
 from ldm.config.checks import ConfigError
 
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
     """Build ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides (YAML-parsed values)."""
     raw = {} if path is None else _read_yaml(Path(path))
